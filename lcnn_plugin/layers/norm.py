@@ -1,0 +1,90 @@
+"""γ-Lipschitz BatchNorm.
+
+In eval, BatchNorm is the per-channel affine map y_c = w_c (x_c − μ_c)/σ_c + b_c with
+σ_c = sqrt(running_var_c + eps); its Lipschitz constant is L_bn = max_c |w_c|/σ_c
+(w ≡ 1 without affine). The γ-Lipschitz version scales the output by
+min(1, γ / L_bn), so that its Lipschitz constant is min(γ, L_bn). For the paper's
+affine-free BN this is the reference rule y = BN(x)·min(1, γ·min_c σ_c). The scale uses
+the running statistics in training too (as the reference does); γ is learnable, stored as
+``log_gamma`` (init log 10) and pulled toward 1 by the LCNN penalty λ_γ·Σ|log γ|.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .spectral import layer_name
+
+
+class LipschitzBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose eval-mode Lipschitz constant is at most a learnable γ.
+
+    Args:
+        num_features: channels C.
+        gamma: initial γ (> 0), default 10.
+        affine: False for the paper's LCNN; True to keep the weight and bias of a
+            converted pretrained BatchNorm.
+        learnable_gamma: if False, γ is a fixed buffer.
+        eps, momentum: as for ``nn.BatchNorm2d``. Running statistics are required.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        gamma: float = 10.0,
+        affine: bool = False,
+        learnable_gamma: bool = True,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=True, device=device, dtype=dtype,
+        )
+        gamma = float(gamma)
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"LipschitzBatchNorm2d: gamma must be finite and > 0, got {gamma}")
+        log_gamma = torch.tensor(math.log(gamma), device=device, dtype=dtype)
+        if learnable_gamma:
+            self.log_gamma = nn.Parameter(log_gamma)
+        else:
+            self.register_buffer("log_gamma", log_gamma)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.log_gamma.exp()
+
+    def bn_lipschitz(self) -> torch.Tensor:
+        """L_bn = max_c |w_c| / sqrt(running_var_c + eps) (a 0-d tensor, differentiable in w)."""
+        inv_std = torch.rsqrt(self.running_var + self.eps)
+        if self.affine:
+            return (self.weight.abs() * inv_std).amax()
+        return inv_std.amax()
+
+    def lipschitz_scale(self) -> torch.Tensor:
+        """min(1, γ / L_bn): the factor applied to the BatchNorm output."""
+        return torch.clamp(self.gamma / self.bn_lipschitz(), max=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{layer_name(self)}: expected input of shape (N, {self.num_features}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        return super().forward(x) * self.lipschitz_scale().to(x.dtype)
+
+    def lipschitz(self) -> float:
+        """Eval-mode Lipschitz constant min(γ, L_bn)."""
+        with torch.no_grad():
+            return float(torch.minimum(self.gamma, self.bn_lipschitz()))
+
+    def curvature_bound(self) -> float:
+        return 0.0
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gamma={float(self.gamma.detach()):.4g}"

@@ -1,0 +1,213 @@
+"""Operator-norm spectral normalisation against the SVD of the layer's exact Jacobian."""
+
+import pytest
+import torch
+from torch import nn
+
+from lcnn_plugin.layers import SNConv1d, SNConv2d, SNConv3d, SNLinear, conv_operator_norm, name_layers
+
+# (in, out, kernel, stride, padding, dilation, groups, padding_mode, input spatial shape)
+CONV2D_CASES = [
+    (3, 4, 3, 1, 1, 1, 1, "zeros", (8, 8)),
+    (3, 4, 3, 2, 1, 1, 1, "zeros", (8, 8)),
+    (3, 4, 3, 3, 1, 1, 1, "zeros", (10, 7)),
+    (4, 4, 3, 2, 1, 1, 1, "zeros", (7, 9)),
+    (4, 6, 1, 1, 0, 1, 1, "zeros", (6, 5)),
+    (4, 6, 1, 2, 0, 1, 1, "zeros", (7, 6)),
+    (3, 5, 5, 1, 2, 1, 1, "zeros", (8, 6)),
+    (3, 5, 5, 2, 2, 1, 1, "zeros", (9, 9)),
+    (3, 5, 5, 3, 0, 1, 1, "zeros", (11, 12)),
+    (4, 4, 3, 1, 2, 2, 1, "zeros", (8, 8)),
+    (4, 4, 3, 2, 2, 2, 1, "zeros", (9, 10)),
+    (4, 4, 3, 1, 1, 1, 2, "zeros", (6, 8)),
+    (4, 6, 3, 2, 1, 1, 2, "zeros", (8, 7)),
+    (4, 4, 3, 1, 1, 1, 4, "zeros", (8, 8)),  # depthwise
+    (4, 8, 3, 2, 1, 1, 4, "zeros", (9, 8)),  # depthwise, multiplier 2
+    (4, 4, 5, 1, 2, 1, 4, "zeros", (7, 7)),
+    (3, 4, 3, 1, 1, 1, 1, "circular", (8, 8)),
+    (3, 4, 3, 2, 1, 1, 1, "circular", (8, 6)),
+    (4, 4, 3, 1, 2, 2, 2, "circular", (8, 8)),
+    (3, 4, 5, 1, 2, 1, 1, "circular", (6, 7)),
+    (3, 4, 3, 1, 1, 1, 1, "reflect", (8, 8)),
+    (3, 4, 3, 2, 1, 1, 1, "reflect", (9, 8)),
+    (4, 4, 3, 1, 2, 2, 4, "reflect", (8, 8)),
+    (3, 4, 5, 3, 2, 1, 1, "reflect", (10, 8)),
+    (3, 4, 3, 1, 1, 1, 1, "replicate", (8, 8)),
+    (3, 4, 3, 2, 1, 1, 1, "replicate", (7, 8)),
+    (4, 6, 3, 3, 1, 1, 2, "replicate", (9, 9)),
+    (3, 4, 5, 1, 2, 2, 1, "replicate", (9, 9)),
+    (3, 4, 3, 1, "same", 1, 1, "zeros", (7, 9)),
+    (3, 4, 4, 1, "same", 1, 1, "zeros", (8, 8)),  # asymmetric 'same' padding
+    (3, 4, 4, 1, "same", 2, 1, "reflect", (9, 8)),
+    (4, 4, 3, 1, "same", 1, 4, "circular", (6, 6)),
+    (3, 4, 3, 1, "valid", 1, 1, "zeros", (8, 8)),
+    (3, 4, 3, 1, (1, 0), 1, 1, "zeros", (8, 7)),  # per-axis padding
+]
+
+
+def exact_operator_norm(conv: nn.Module, spatial) -> float:
+    """2-norm of the layer's Jacobian (bias removed), built by jacrev, by SVD."""
+    x = torch.zeros(1, conv.in_channels, *spatial, dtype=torch.float64)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return nn.Conv2d._conv_forward(conv, t, conv.weight.double(), None) if isinstance(
+            conv, nn.Conv2d) else conv._conv_forward(t, conv.weight.double(), None)
+
+    jac = torch.func.jacrev(f)(x).reshape(-1, x.numel())
+    return torch.linalg.matrix_norm(jac, ord=2).item()
+
+
+@pytest.mark.parametrize("case", CONV2D_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_conv2d_operator_norm_is_exact(case):
+    cin, cout, k, s, p, d, g, mode, spatial = case
+    conv = SNConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode).double()
+    exact = exact_operator_norm(conv, spatial)
+    sigma, _, converged = conv.operator_norm(spatial)
+    assert converged
+    assert abs(sigma - exact) <= 1e-3 * exact, (sigma, exact)
+    # the layer's own state: 15 power iterations at init never over-estimate,
+    x = torch.randn(2, cin, *spatial, dtype=torch.float64)
+    conv.eval()
+    y = conv(x)
+    assert conv.sn_sigma.item() <= exact * (1 + 1e-9)
+    # and what it applies is exactly the convolution with W / sigma
+    ref = nn.functional.conv2d(
+        nn.functional.pad(x, conv._reversed_padding_repeated_twice,
+                          mode="constant" if mode == "zeros" else mode),
+        conv.weight / conv.sn_sigma, conv.bias, s, 0, d, g)
+    torch.testing.assert_close(y, ref)
+    # after normalisation the layer's Lipschitz constant is ||A|| / sigma
+    assert abs(conv.lipschitz() - exact / conv.sn_sigma.item()) <= 1e-6 * exact
+
+
+@pytest.mark.parametrize("cls,cin,k,s,p,mode,spatial", [
+    (SNConv1d, 3, 3, 2, 1, "zeros", (11,)),
+    (SNConv1d, 3, 5, 1, 2, "reflect", (9,)),
+    (SNConv3d, 2, 3, 2, 1, "zeros", (5, 4, 6)),
+    (SNConv3d, 2, 3, 1, 1, "circular", (4, 4, 3)),
+])
+def test_conv1d_conv3d_operator_norm_is_exact(cls, cin, k, s, p, mode, spatial):
+    conv = cls(cin, 3, k, stride=s, padding=p, padding_mode=mode).double()
+    x = torch.zeros(1, cin, *spatial, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda t: conv._conv_forward(t, conv.weight, None))(x)
+    exact = torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), ord=2).item()
+    sigma, _, converged = conv.operator_norm(spatial)
+    assert converged and abs(sigma - exact) <= 1e-3 * exact
+
+
+def test_training_power_iteration_converges_to_the_exact_norm():
+    conv = SNConv2d(4, 6, 3, stride=2, padding=1).double()
+    spatial = (9, 7)
+    exact = exact_operator_norm(conv, spatial)
+    x = torch.randn(2, 4, *spatial, dtype=torch.float64)
+    conv.train()
+    prev = 0.0
+    with torch.no_grad():
+        for _ in range(300):
+            conv(x)
+            sigma = conv.sn_sigma.item()
+            assert sigma >= prev - 1e-12 and sigma <= exact * (1 + 1e-9)  # monotone, from below
+            prev = sigma
+    assert abs(sigma - exact) <= 1e-3 * exact
+
+
+def test_torch_reshaped_spectral_norm_underestimates():
+    """torch's spectral_norm divides by ||W reshaped||, below the operator norm of the conv."""
+    ratios = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        conv = SNConv2d(16, 16, 3, padding=1).double()
+        exact = exact_operator_norm(conv, (8, 8))
+        matrix = torch.linalg.matrix_norm(conv.weight.detach().reshape(16, -1), ord=2).item()
+        ratios.append(exact / matrix)
+    assert min(ratios) > 1.2, ratios
+
+
+def test_eval_is_frozen_and_training_updates():
+    conv = SNConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    conv.eval()
+    conv(x)
+    frozen = conv.sn_sigma.clone(), conv.sn_v.clone()
+    conv(x)
+    assert torch.equal(conv.sn_sigma, frozen[0]) and torch.equal(conv.sn_v, frozen[1])
+    conv.train()
+    conv(x)
+    assert not torch.equal(conv.sn_v, frozen[1])
+
+
+def test_reinitialised_when_input_size_changes():
+    conv = SNConv2d(3, 4, 3, stride=2, padding=1).double()
+    conv.eval()
+    conv(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert conv.sn_v.shape == (1, 3, 8, 8)
+    conv(torch.randn(1, 3, 10, 6, dtype=torch.float64))
+    assert conv.sn_v.shape == (1, 3, 10, 6)
+    assert conv.sn_sigma.item() <= exact_operator_norm(conv, (10, 6)) * (1 + 1e-9)
+
+
+def test_gradient_flows_through_sigma():
+    """d(W/σ)/dW includes σ's dependence on W: compare with a finite difference."""
+    conv = SNConv2d(2, 3, 3, padding=1).double().train()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(200):
+            conv(x)
+    conv.weight.grad = None
+    conv._sn_hold = True  # hold v so that the loss is a fixed function of W
+    loss = conv(x).square().sum()
+    loss.backward()
+    d = torch.randn_like(conv.weight)
+    h = 1e-6
+    with torch.no_grad():
+        conv.weight += h * d
+        lp = conv(x).square().sum()
+        conv.weight -= 2 * h * d
+        lm = conv(x).square().sum()
+        conv.weight += h * d
+    fd = (lp - lm) / (2 * h)
+    assert abs(fd.item() - (conv.weight.grad * d).sum().item()) <= 1e-5 * abs(fd.item())
+
+
+def test_state_dict_keeps_weight_and_frozen_state():
+    conv = SNConv2d(3, 4, 3, padding=1)
+    conv.train()
+    conv(torch.randn(2, 3, 8, 8))
+    sd = conv.state_dict()
+    assert set(sd) == {"weight", "bias", "sn_v", "sn_sigma"}
+    other = SNConv2d(3, 4, 3, padding=1)
+    other.load_state_dict(sd)
+    conv.eval(), other.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(conv(x), other(x))
+
+
+def test_linear_spectral_norm():
+    lin = SNLinear(7, 5).double()
+    exact = torch.linalg.matrix_norm(lin.weight.detach(), ord=2).item()
+    assert lin.sn_sigma.item() <= exact * (1 + 1e-12)
+    lin.train()
+    with torch.no_grad():
+        for _ in range(100):
+            lin(torch.randn(3, 7, dtype=torch.float64))
+    assert abs(lin.sn_sigma.item() - exact) <= 1e-6 * exact
+    assert abs(lin.lipschitz() - exact / lin.sn_sigma.item()) <= 1e-12
+
+
+def test_standalone_operator_norm_of_plain_conv():
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, padding_mode="reflect").double()
+    sigma, _, ok = conv_operator_norm(conv, (9, 8))
+    assert ok and abs(sigma - exact_operator_norm(conv, (9, 8))) <= 1e-6 * sigma
+
+
+def test_bad_input_names_the_layer():
+    model = nn.Sequential(nn.Identity(), SNConv2d(3, 4, 3))
+    name_layers(model)
+    with pytest.raises(ValueError, match=r"^1: expected input of shape \(N, 3, H, W\), got \(2, 5, 8, 8\)"):
+        model(torch.randn(2, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        SNConv2d(3, 4, 3)(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
+        SNLinear(4, 2)(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="n_power_iterations_init"):
+        SNConv2d(3, 4, 3, n_power_iterations_init=0)

@@ -1,0 +1,5 @@
+"""timm-registered LCNN ResNets; importing this module registers them."""
+
+from .lcnn_resnet import KINDS, BasicBlock, Bottleneck, LcnnResNet
+
+__all__ = ["KINDS", "BasicBlock", "Bottleneck", "LcnnResNet"]

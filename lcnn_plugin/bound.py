@@ -1,0 +1,398 @@
+"""Data-free Lipschitz and curvature bounds of a model in eval mode.
+
+For maps with Lipschitz constant L and second-derivative bound K (‖D²f(x)[u,u]‖ ≤ K‖u‖²):
+
+    composition g∘h:   L = L_g L_h,        K = K_g L_h² + L_g K_h
+    sum f + g:         L = L_f + L_g,      K = K_f + K_g
+    scaling c·f:       L = |c| L_f,        K = |c| K_f
+
+so for a chain K_f ≤ Σᵢ Kᵢ (Π_{j<i} L_j)² Π_{j>i} L_j. The model is traced with torch.fx
+(our layers and torch's built-in modules are leaves), shapes are propagated on a zero input
+of ``input_size``, and the rules above are applied along the graph, residual sums
+included. Each layer's own constants come from the layer (``lipschitz()`` /
+``curvature_bound()``, see :mod:`lcnn_plugin.layers`) or, for torch's modules, from exact
+computations here (a convolution's operator norm on its real input shape, a linear
+layer's SVD, a pooling operator's exact norm, eval BatchNorm's max |w|/σ).
+
+Also reported: the paper's normalised form C ≤ Σᵢ βᵢ Π_{j≤i} γ_j, one term per
+activation i (βᵢ its max |s''|/|s'|, the product taken over the Lipschitz constants of the
+layers before it, on the path that makes it largest). It is the paper's expression, not a
+certified bound on ‖∇²f‖/‖∇f‖ for general graphs.
+
+Where a module or operation cannot be bounded, the result says which and why, and the
+affected quantity is None: no number is returned that the rules above do not justify.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .layers.spectral import conv_operator_norm
+
+
+class UnboundedError(ValueError):
+    """Raised (with ``strict=True``) when some part of a model cannot be bounded."""
+
+
+@dataclass(frozen=True)
+class Local:
+    """Constants of one operation: Lipschitz L, curvature K, normalised N (None: unbounded)."""
+
+    L: float | None
+    K: float | None
+    N: float | None
+
+
+LINEAR = Local(1.0, 0.0, 0.0)  # norm-preserving rearrangements and projections (L ≤ 1)
+
+
+@dataclass
+class LayerEntry:
+    name: str
+    kind: str
+    local: Local
+
+
+@dataclass
+class ModelBound:
+    """Bounds of x ↦ model(x) (the logits) in eval mode on inputs of ``input_size``."""
+
+    lipschitz: float | None
+    curvature: float | None
+    normalized_curvature: float | None
+    input_size: tuple[int, ...]
+    unbounded: list[tuple[str, str]] = field(default_factory=list)
+    layers: list[LayerEntry] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unbounded
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(
+            lipschitz=self.lipschitz, curvature=self.curvature,
+            normalized_curvature=self.normalized_curvature, input_size=list(self.input_size),
+            unbounded=[dict(where=w, why=y) for w, y in self.unbounded],
+        )
+
+    def __str__(self) -> str:
+        def fmt(v: float | None) -> str:
+            return "unbounded" if v is None else f"{v:.6g}"
+
+        lines = [
+            f"Data-free bounds (eval, input {tuple(self.input_size)}):",
+            f"  Lipschitz            L_f <= {fmt(self.lipschitz)}",
+            f"  second derivative    K_f <= {fmt(self.curvature)}",
+            f"  paper's normalised form  {fmt(self.normalized_curvature)}",
+            f"  layers bounded: {len(self.layers)}",
+        ]
+        for where, why in self.unbounded:
+            lines.append(f"  not bounded: {where}: {why}")
+        return "\n".join(lines)
+
+
+# --- constants of torch's own modules and functions ----------------------------------------
+
+def _pool_axis_norm(size: int, pool: Any) -> float:
+    """Exact 2-norm of a 1-D averaging operator, built by pooling the identity."""
+    eye = torch.eye(size, dtype=torch.float64).view(size, 1, 1, size)
+    mat = pool(eye).reshape(size, -1)
+    return float(torch.linalg.matrix_norm(mat, ord=2))
+
+
+def _avg_pool_norm(m: nn.Module, shape: Sequence[int]) -> float:
+    h, w = shape[-2:]
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        oh, ow = (m.output_size, m.output_size) if isinstance(m.output_size, int) else m.output_size
+        oh, ow = oh or h, ow or w
+        return _pool_axis_norm(h, lambda t: F.adaptive_avg_pool2d(t, (1, oh))) * _pool_axis_norm(
+            w, lambda t: F.adaptive_avg_pool2d(t, (1, ow))
+        )
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    k, s, p = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
+    norms = []
+    for axis, n in enumerate((h, w)):
+        norms.append(_pool_axis_norm(n, lambda t, a=axis: F.avg_pool2d(
+            t, (1, k[a]), (1, s[a]), (0, p[a]), m.ceil_mode, m.count_include_pad)))
+    return norms[0] * norms[1]
+
+
+_SIGMOID_K = 1.0 / (6.0 * math.sqrt(3.0))  # max |σ''|
+_TANH_K = 4.0 / (3.0 * math.sqrt(3.0))  # max |tanh''|
+
+
+def _torch_module_local(m: nn.Module, shape: Sequence[int]) -> Local | str:
+    """Constants of a torch built-in module, or the reason it cannot be bounded."""
+    if isinstance(m, (nn.Identity, nn.Flatten, nn.Unflatten)) or isinstance(m, nn.modules.dropout._DropoutNd):
+        return LINEAR
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            return "transposed convolutions are not supported by the bound"
+        sigma, _, converged = conv_operator_norm(m, shape[2:])
+        if not converged:
+            return "operator-norm estimate did not converge"
+        return Local(sigma, 0.0, 0.0)
+    if isinstance(m, nn.Linear):
+        return Local(float(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2)), 0.0, 0.0)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if m.running_var is None:
+            return "BatchNorm without running statistics is not Lipschitz-bounded in eval"
+        inv = torch.rsqrt(m.running_var.double() + m.eps)
+        if m.affine:
+            inv = inv * m.weight.detach().double().abs()
+        return Local(float(inv.max()), 0.0, 0.0)
+    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        if isinstance(m, nn.AvgPool2d) and m.divisor_override:
+            return "AvgPool2d with divisor_override is not supported"
+        return Local(_avg_pool_norm(m, shape), 0.0, 0.0)
+    if isinstance(m, nn.Softplus):
+        return Local(1.0, m.beta / 4.0, float(m.beta))
+    if isinstance(m, nn.Sigmoid):
+        return Local(0.25, _SIGMOID_K, 1.0)
+    if isinstance(m, nn.Tanh):
+        return Local(1.0, _TANH_K, 2.0)
+    if isinstance(m, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)):
+        slope = abs(m.negative_slope) if isinstance(m, nn.LeakyReLU) else 0.0
+        return Local(max(1.0, slope), None, None)
+    if isinstance(m, nn.MaxPool2d) and m.dilation in (1, (1, 1)):
+        # |max_w x − max_w y| ≤ max_{i∈w} |x_i − y_i|, each input in ≤ ⌈k/s⌉² windows
+        k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
+        st = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
+        return Local(math.sqrt(math.ceil(k[0] / st[0]) * math.ceil(k[1] / st[1])), None, None)
+    return f"no bound is known for {type(m).__name__}"
+
+
+_REASONS = {
+    nn.ReLU: "not twice differentiable (kink at 0): curvature unbounded",
+    nn.MaxPool2d: "max-pooling is not twice differentiable: curvature unbounded",
+}
+
+
+def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | None]:
+    if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound"):
+        norm_fn = getattr(m, "normalized_curvature_bound", None)
+        return Local(float(m.lipschitz()), float(m.curvature_bound()),
+                     float(norm_fn()) if norm_fn else 0.0), None
+    res = _torch_module_local(m, shape)
+    if isinstance(res, str):
+        return Local(None, None, None), res
+    if res.K is None or res.L is None:
+        why = next((r for t, r in _REASONS.items() if isinstance(m, t)), None)
+        return res, why or f"{type(m).__name__} is not twice differentiable"
+    return res, None
+
+
+_REARRANGE_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+    "float", "double", "to", "clone", "expand_as",
+}
+_REARRANGE_FUNCS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+    torch.unsqueeze, operator.getitem, F.dropout,
+}
+_ELEMENTWISE_FUNCS: dict[Any, Local] = {
+    torch.sigmoid: Local(0.25, _SIGMOID_K, 1.0),
+    F.sigmoid: Local(0.25, _SIGMOID_K, 1.0),
+    torch.tanh: Local(1.0, _TANH_K, 2.0),
+    F.tanh: Local(1.0, _TANH_K, 2.0),
+    F.relu: Local(1.0, None, None),
+    torch.relu: Local(1.0, None, None),
+}
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound"):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+@dataclass(frozen=True)
+class _Flow:
+    """Bounds of the map from the model input to one graph node.
+
+    L, K: Lipschitz and curvature bounds (None: unbounded). G: the largest product of
+    Lipschitz constants along any path to the node; terms: each activation's term βᵢ·Gᵢ of
+    the paper's normalised form (None: unbounded).
+    """
+
+    L: float | None
+    K: float | None
+    G: float | None
+    terms: dict[str, float] | None
+
+
+_INPUT = _Flow(1.0, 0.0, 1.0, {})
+_NONE = _Flow(None, None, None, None)
+
+
+def _mul(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a * b
+
+
+def _compose(name: str, outer: Local, inner: _Flow) -> _Flow:
+    K = None
+    if None not in (outer.L, outer.K, inner.L, inner.K):
+        K = outer.K * inner.L**2 + outer.L * inner.K
+    terms = None
+    if inner.terms is not None and outer.N is not None and inner.G is not None:
+        terms = dict(inner.terms)
+        if outer.N:
+            terms[name] = outer.N * inner.G
+    return _Flow(_mul(outer.L, inner.L), K, _mul(outer.L, inner.G), terms)
+
+
+def _sum(parts: Sequence[_Flow], quadrature: bool = False) -> _Flow:
+    def add(vals: list[float | None]) -> float | None:
+        if any(v is None for v in vals):
+            return None
+        return math.sqrt(sum(v * v for v in vals)) if quadrature else sum(vals)
+
+    G = None if any(p.G is None for p in parts) else max(p.G for p in parts)
+    terms: dict[str, float] | None = {}
+    for p in parts:
+        if p.terms is None:
+            terms = None
+            break
+        for k, v in p.terms.items():
+            terms[k] = max(v, terms.get(k, 0.0))
+    return _Flow(add([p.L for p in parts]), add([p.K for p in parts]), G, terms)
+
+
+def _scale(c: float, inner: _Flow) -> _Flow:
+    c = abs(float(c))
+    return _Flow(_mul(c, inner.L), _mul(c, inner.K), _mul(c, inner.G), inner.terms)
+
+
+def model_bound(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    strict: bool = False,
+) -> ModelBound:
+    """Data-free bounds of ``model`` (in eval mode) on inputs of ``input_size`` (C, H, W).
+
+    ``input_size`` defaults to the model's ``pretrained_cfg['input_size']``. With
+    ``strict=True`` an unbounded part raises :class:`UnboundedError` naming it. The
+    model is put in eval for the computation and its mode restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if input_size is None:
+        input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+        if input_size is None:
+            raise ValueError("input_size is required: the model has no pretrained_cfg['input_size']")
+    input_size = tuple(int(s) for s in input_size)
+    was_training = model.training
+    model.eval()
+    try:
+        return _bound(model, input_size, strict)
+    finally:
+        model.train(was_training)
+
+
+def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> ModelBound:
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):
+        model = nn.Sequential(model)  # a single layer: trace it as a call to the leaf
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is reported, not hidden
+        raise UnboundedError(f"{type(model).__name__}: cannot be traced by torch.fx ({e})") from e
+    gm = torch.fx.GraphModule(model, graph)
+    param = next(model.parameters(), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=dev, dtype=dtype))
+
+    state: dict[torch.fx.Node, _Flow] = {}
+    unbounded: list[tuple[str, str]] = []
+    layers: list[LayerEntry] = []
+    modules = dict(gm.named_modules())
+    output: _Flow | None = None
+
+    def shape_of(n: Any) -> tuple[int, ...]:
+        return tuple(n.meta["tensor_meta"].shape)
+
+    def flag(where: str, why: str) -> None:
+        unbounded.append((where, why))
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            state[node] = _INPUT
+            continue
+        if node.op == "output":
+            arg = node.args[0]
+            if not isinstance(arg, torch.fx.Node) or arg not in state:
+                raise UnboundedError("the model's output is not a tensor computed from its input")
+            output = state[arg]
+            continue
+        deps = [a for a in node.all_input_nodes if a in state]
+        if not deps:
+            continue  # constant with respect to the input (parameters, shapes, ...)
+        is_tensor = "tensor_meta" in node.meta
+        if not is_tensor and node.op != "call_module":
+            continue  # python values derived from shapes
+        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in state]
+        if node.op == "call_module":
+            m = modules[node.target]
+            local, why = _local_of_module(m, shape_of(deps[0]))
+            layers.append(LayerEntry(node.target, type(m).__name__, local))
+            if why:
+                flag(node.target, why)
+            state[node] = _compose(node.name, local, state[deps[0]])
+            continue
+        target = node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        if node.op == "call_method" and target in _REARRANGE_METHODS or target in _REARRANGE_FUNCS:
+            state[node] = state[deps[0]]
+        elif target in (operator.add, operator.sub, torch.add, torch.sub, "add", "sub"):
+            state[node] = _sum([state[a] for a in tensor_args])
+        elif target in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+            others = [a for a in node.args if a not in tensor_args]
+            if len(tensor_args) != 1 or not all(isinstance(o, (int, float)) for o in others):
+                flag(node.name, f"{name}: only multiplication by a constant number is bounded")
+                state[node] = _NONE
+            else:
+                c = others[0]
+                if target in (operator.truediv, torch.div, "div"):
+                    if node.args[0] is not tensor_args[0]:
+                        flag(node.name, "division by an input-dependent tensor is not bounded")
+                        state[node] = _NONE
+                        continue
+                    c = 1.0 / c
+                state[node] = _scale(c, state[tensor_args[0]])
+        elif target in (operator.neg, torch.neg, "neg"):
+            state[node] = state[deps[0]]
+        elif target in (torch.cat, torch.concat):
+            state[node] = _sum([state[a] for a in node.args[0] if a in state], quadrature=True)
+        elif target in ("mean", torch.mean):
+            n_in = math.prod(shape_of(deps[0]))
+            n_out = math.prod(shape_of(node)) or 1
+            local = Local(1.0 / math.sqrt(n_in / n_out), 0.0, 0.0)
+            state[node] = _compose(node.name, local, state[deps[0]])
+        elif target in _ELEMENTWISE_FUNCS:
+            local = _ELEMENTWISE_FUNCS[target]
+            if local.K is None:
+                flag(node.name, f"{name} is not twice differentiable: curvature unbounded")
+            state[node] = _compose(node.name, local, state[deps[0]])
+        else:
+            flag(node.name, f"no bound is known for the operation {name}")
+            state[node] = _NONE
+
+    assert output is not None
+    normalized = None if output.terms is None else sum(output.terms.values())
+    result = ModelBound(output.L, output.K, normalized, input_size, unbounded, layers)
+    if strict and unbounded:
+        raise UnboundedError("cannot bound: " + "; ".join(f"{w}: {y}" for w, y in unbounded))
+    return result

@@ -1,0 +1,307 @@
+"""Per-example input curvature: gradient norm, Hessian spectral norm, normalised curvature.
+
+For f the per-example cross-entropy of the true label (or of the predicted label when no
+label is given, or a per-example loss the caller passes), with the model in eval mode:
+
+    grad_norm      ‖∇ₓf‖₂
+    hessian_norm   ‖∇²ₓf‖₂ (largest |eigenvalue|; the input Hessian is indefinite)
+    curvature      hessian_norm / (grad_norm + eps),  eps = 1e-6 as in the paper
+
+Methods: ``lanczos`` (default; batched, full re-orthogonalisation, stops per example on a
+residual bound), ``power`` (|λ| from ‖Hv‖), ``reference`` (the paper's estimator exactly,
+for comparison) and ``exact`` (dense Hessians, small inputs only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import eigen
+from .hvp import ENGINES, HVP, LossFn, per_example_cross_entropy
+
+METHODS = ("lanczos", "power", "reference", "exact")
+
+__all__ = [
+    "CurvatureReport", "CurvatureResult", "ENGINES", "METHODS", "measure",
+    "per_example_cross_entropy", "relative_gradient_robustness", "report",
+]
+
+
+@dataclass
+class CurvatureResult:
+    """Per-example quantities (shape (B,)) and how they were obtained."""
+
+    grad_norm: torch.Tensor
+    hessian_norm: torch.Tensor
+    curvature: torch.Tensor
+    method: str
+    engine: str
+    hvps: torch.Tensor  # Hessian-vector products spent on each example
+    converged: torch.Tensor  # bool
+    error: torch.Tensor  # relative error estimate of hessian_norm (see the method)
+    eps: float = 1e-6
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.grad_norm.shape[0]
+
+
+class _EvalNoParamGrad:
+    """Eval mode and no parameter gradients; the caller's state is restored on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.training = self.model.training
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.training)
+
+
+def _check_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError("x must be a floating-point tensor of shape (B, ...)")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    if y is not None:
+        integer = isinstance(y, torch.Tensor) and y.dtype in (torch.int64, torch.int32)
+        if not integer or y.shape != x.shape[:1]:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got {shape}")
+
+
+def measure(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    method: str = "lanczos",
+    engine: str = "autograd",
+    loss_fn: LossFn | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    k: int = 10,
+    eps: float = 1e-6,
+    max_batch: int | None = None,
+    seed: int = 0,
+) -> CurvatureResult:
+    """Per-example gradient norm, Hessian norm and normalised curvature of ``model`` at ``x``.
+
+    Args:
+        model: maps (B, ...) inputs to (B, C) logits; measured in eval mode, without
+            parameter gradients (its mode and requires_grad flags are restored).
+        x: inputs (B, ...), e.g. [0, 1] pixels. y: labels (B,), or None for the predicted ones.
+        method: ``lanczos`` | ``power`` | ``reference`` | ``exact``.
+        engine: ``autograd`` (double backward, gradient graph re-used) or ``func``
+            (forward-over-reverse).
+        loss_fn: per-example loss (logits, y) → (B,); default cross-entropy.
+        tol, max_iter: stopping rule of ``lanczos`` (residual, default 1e-3, 64 steps) and
+            ``power`` (relative change, default 1e-5, 500 steps). k: steps of ``reference``.
+        eps: the ε of curvature = hessian_norm / (grad_norm + ε).
+        max_batch: measure in chunks of at most this many examples (memory).
+        seed: seeds the random start vectors (results are deterministic).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    _check_inputs(model, x, y)
+    loss_fn = loss_fn or per_example_cross_entropy
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    chunks = range(0, x.shape[0], max_batch or x.shape[0])
+    parts = []
+    with _EvalNoParamGrad(model):
+        for start in chunks:
+            stop = start + (max_batch or x.shape[0])
+            parts.append(_measure_chunk(model, x[start:stop], None if y is None else y[start:stop],
+                                        method, engine, loss_fn, tol, max_iter, k, gen))
+    cat = [torch.cat([p[i] for p in parts]) for i in range(5)]
+    grad_norm, hessian_norm, hvps, converged, error = cat
+    options = dict(tol=tol, max_iter=max_iter, k=k, seed=seed, max_batch=max_batch)
+    return CurvatureResult(
+        grad_norm, hessian_norm, hessian_norm / (grad_norm + eps), method, engine,
+        hvps, converged, error, eps, options,
+    )
+
+
+def _measure_chunk(model, x, y, method, engine, loss_fn, tol, max_iter, k, gen):  # noqa: ANN001,ANN202
+    with torch.no_grad():
+        logits = model(x)
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"model must return logits of shape (B={x.shape[0]}, C), got {tuple(logits.shape)}")
+    if y is None:
+        y = logits.argmax(1)
+    elif y.min() < 0 or y.max() >= logits.shape[1]:
+        raise ValueError(f"y must hold labels in [0, {logits.shape[1]}), got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    y = y.to(device=x.device, dtype=torch.long)
+    op = HVP(model, x, y, loss_fn, engine)
+    B, d = x.shape[0], x[0].numel()
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        return op.apply(v.view_as(x)).reshape(B, d)
+
+    v0 = torch.randn(B, d, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    if method == "lanczos":
+        res = eigen.lanczos(hvp, v0, tol=1e-3 if tol is None else tol, max_iter=max_iter or 64)
+    elif method == "power":
+        res = eigen.power(hvp, v0, tol=1e-5 if tol is None else tol, max_iter=max_iter or 500)
+    elif method == "reference":
+        res = eigen.reference(hvp, v0, k=k)
+    else:
+        res = eigen.exact(hvp, d, v0)
+    value, steps, done, error = res
+    return op.grad.reshape(B, d).norm(dim=1), value.detach(), steps, done, error.detach()
+
+
+@dataclass
+class CurvatureReport:
+    """Dataset-level statistics over exactly the examples seen."""
+
+    n: int
+    stats: dict[str, dict[str, float]]
+    values: dict[str, torch.Tensor]
+    method: str
+    hvps_mean: float
+    converged_fraction: float
+
+    def __str__(self) -> str:
+        lines = [f"curvature over {self.n} examples ({self.method}; mean HVPs "
+                 f"{self.hvps_mean:.1f}; converged {100 * self.converged_fraction:.1f}%)"]
+        for name, s in self.stats.items():
+            lines.append(f"  {name:13s} mean {s['mean']:.5g}  std {s['std']:.5g}  "
+                         f"median {s['q50']:.5g}  [q05 {s['q05']:.5g}, q95 {s['q95']:.5g}]")
+        return "\n".join(lines)
+
+
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def report(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    max_examples: int | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    **measure_kwargs: Any,
+) -> CurvatureReport:
+    """Measure every example of ``loader`` (batches (x, y) or x) and summarise.
+
+    Statistics are over exactly the examples measured (at most ``max_examples``); nothing is
+    zero-filled. ``measure_kwargs`` go to :func:`measure`.
+    """
+    from tqdm.auto import tqdm
+
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    results: list[CurvatureResult] = []
+    seen = 0
+    bar = tqdm(total=max_examples, disable=not progress, desc="curvature", unit="ex")
+    for batch in loader:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if max_examples is not None:
+            x = x[: max_examples - seen]
+            y = None if y is None else y[: max_examples - seen]
+        if device is not None:
+            x = x.to(device)
+            y = None if y is None else y.to(device)
+        r = measure(model, x, y, seed=seen, **measure_kwargs)
+        results.append(r)
+        seen += len(r)
+        bar.update(len(r))
+        if max_examples is not None and seen >= max_examples:
+            break
+    bar.close()
+    if not results:
+        raise ValueError("the loader yielded no examples")
+    values = {name: torch.cat([getattr(r, name) for r in results]).double().cpu()
+              for name in ("grad_norm", "hessian_norm", "curvature")}
+    stats = {}
+    for name, v in values.items():
+        q = torch.quantile(v, torch.tensor(_QUANTILES, dtype=v.dtype))
+        stats[name] = dict(mean=float(v.mean()), std=float(v.std()) if len(v) > 1 else 0.0,
+                           **{f"q{int(round(p * 100)):02d}": float(t) for p, t in zip(_QUANTILES, q)})
+    hvps = torch.cat([r.hvps for r in results]).double()
+    conv = torch.cat([r.converged for r in results]).double()
+    return CurvatureReport(seen, stats, values, results[0].method, float(hvps.mean()), float(conv.mean()))
+
+
+def relative_gradient_robustness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    radii: Sequence[float] = (0.01, 0.05, 0.1, 0.5, 1.0),
+    n_samples: int = 4,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+) -> torch.Tensor:
+    """r(x, δ) = ‖∇f(x+δ) − ∇f(x)‖ / ‖∇f(x)‖ for random δ of each norm in ``radii``.
+
+    Returns a tensor (len(radii), n_samples, B). Labels default to the prediction at x and
+    stay fixed under the perturbation.
+    """
+    _check_inputs(model, x, y)
+    if any(not (r >= 0 and math.isfinite(r)) for r in radii):
+        raise ValueError(f"radii must be finite and >= 0, got {list(radii)}")
+    loss_fn = loss_fn or per_example_cross_entropy
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with _EvalNoParamGrad(model):
+        if y is None:
+            with torch.no_grad():
+                y = model(x).argmax(1)
+
+        def grad_at(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss_fn(model(t), y).sum(), t)
+            return g.flatten(1)
+
+        g0 = grad_at(x)
+        out = torch.empty(len(radii), n_samples, x.shape[0], dtype=torch.float64)
+        for i, r in enumerate(radii):
+            for s in range(n_samples):
+                d = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x)
+                d = d / d.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+                g = grad_at(x + r * d)
+                out[i, s] = ((g - g0).norm(dim=1) / g0.norm(dim=1).clamp_min(1e-30)).double().cpu()
+    return out
+
+
+def plot_relative_gradient_robustness(
+    curves: dict[str, torch.Tensor], radii: Sequence[float], path: str
+) -> None:
+    """Plot mean r(x, δ) against ‖δ‖ for each named result of
+    :func:`relative_gradient_robustness` and save it to ``path`` (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, r in curves.items():
+        flat = r.flatten(1)
+        ax.errorbar(list(radii), flat.mean(1).tolist(), yerr=flat.std(1).tolist(), label=name, capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("‖δ‖₂ (pixels)")
+    ax.set_ylabel("‖∇f(x+δ) − ∇f(x)‖ / ‖∇f(x)‖")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,182 @@
+"""Curvature estimates against dense Hessians (float64) and autograd gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from lcnn_plugin.curvature import measure, relative_gradient_robustness, report
+from lcnn_plugin.layers import CenteredSoftplus, LipschitzBatchNorm2d, SNConv2d, SNLinear
+
+
+def small_lcnn() -> nn.Module:
+    return nn.Sequential(
+        SNConv2d(3, 6, 3, padding=1), LipschitzBatchNorm2d(6), CenteredSoftplus(),
+        SNConv2d(6, 6, 3, stride=2, padding=1), LipschitzBatchNorm2d(6), CenteredSoftplus(),
+        nn.Flatten(), SNLinear(6 * 2 * 2, 5),
+    )
+
+
+def small_standard() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Softplus(beta=10),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.Softplus(beta=10),
+        nn.Flatten(), nn.Linear(6 * 2 * 2, 5),
+    )
+
+
+class Quadratic(nn.Module):
+    """logit 0 = ½ xᵀAx with A's spectrum {3, −3, 2, −1, 0.5, 0, ...}: λmax = −λmin."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+        spec = torch.zeros(d, dtype=torch.float64)
+        spec[:5] = torch.tensor([3.0, -3.0, 2.0, -1.0, 0.5])
+        self.register_buffer("A", q @ torch.diag(spec) @ q.t())
+        self.w = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.flatten(1)
+        quad = 0.5 * ((v @ self.A) * v).sum(1) * self.w
+        return torch.stack([quad, torch.zeros_like(quad)], 1)
+
+
+def first_logit(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return logits[:, 0]
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    model = model.double()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 4, 4, dtype=torch.float64))  # BN statistics, σ
+    return model.eval()
+
+
+def dense_truth(model, x, y, loss_fn=None):
+    """Per-example gradient and dense Hessian by torch.autograd.functional, one at a time."""
+    loss_fn = loss_fn or (lambda z, t: nn.functional.cross_entropy(z, t, reduction="none"))
+    grads, norms = [], []
+    for i in range(x.shape[0]):
+        f = lambda t, i=i: loss_fn(model(t[None]), y[i : i + 1]).sum()
+        xi = x[i].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(xi), xi)
+        H = torch.autograd.functional.hessian(f, x[i]).reshape(x[i].numel(), -1)
+        grads.append(g.flatten().norm())
+        norms.append(torch.linalg.eigvalsh(H).abs().max())
+    return torch.stack(grads), torch.stack(norms)
+
+
+@pytest.mark.parametrize("build", [small_lcnn, small_standard], ids=["lcnn", "standard"])
+@pytest.mark.parametrize("engine", ["autograd", "func"])
+def test_matches_dense_hessian(build, engine):
+    model = _prepared(build())
+    x = torch.rand(4, 3, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 4])
+    g_true, h_true = dense_truth(model, x, y)
+    for method in ("lanczos", "power", "exact"):
+        r = measure(model, x, y, method=method, engine=engine)
+        torch.testing.assert_close(r.grad_norm, g_true, rtol=1e-6, atol=0)
+        rel = ((r.hessian_norm - h_true).abs() / h_true).max().item()
+        assert rel <= 1e-3, (method, rel)
+        assert r.converged.all() and (r.error <= 1e-3).all()
+        torch.testing.assert_close(r.curvature, r.hessian_norm / (r.grad_norm + 1e-6))
+
+
+def test_indefinite_with_symmetric_spectrum():
+    """λmax = −λmin = 3: the Rayleigh quotient ⟨u,Hu⟩ of the paper's estimator fails there,
+    ‖Hv‖ (power) and Lanczos' largest |Ritz value| do not."""
+    torch.manual_seed(3)
+    model = Quadratic(48)
+    x = torch.rand(6, 3, 4, 4, dtype=torch.float64)
+    y = torch.zeros(6, dtype=torch.long)
+    _, h_true = dense_truth(model, x, y, first_logit)
+    torch.testing.assert_close(h_true, torch.full_like(h_true, 3.0))
+    for method in ("lanczos", "power"):
+        r = measure(model, x, y, method=method, loss_fn=first_logit)
+        assert ((r.hessian_norm - 3.0).abs() <= 3e-3).all(), (method, r.hessian_norm)
+    ref = measure(model, x, y, method="reference", k=10, loss_fn=first_logit)
+    assert ((ref.hessian_norm - 3.0).abs() > 0.03).any()  # the reference under-reads
+    assert not ref.converged.any() and ref.hvps.eq(11).all()
+
+
+def test_predicted_labels_and_custom_loss():
+    model = _prepared(small_lcnn())
+    x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
+    pred = model(x).argmax(1)
+    a = measure(model, x, method="exact")
+    b = measure(model, x, pred, method="exact")
+    torch.testing.assert_close(a.hessian_norm, b.hessian_norm)
+
+
+def test_state_restored_and_deterministic():
+    model = _prepared(small_lcnn())
+    model.train()
+    model[0].weight.requires_grad_(False)
+    x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
+    r1 = measure(model, x, method="lanczos", seed=5)
+    assert model.training and not model[0].weight.requires_grad and model[3].weight.requires_grad
+    r2 = measure(model, x, method="lanczos", seed=5)
+    assert torch.equal(r1.hessian_norm, r2.hessian_norm) and torch.equal(r1.hvps, r2.hvps)
+
+
+def test_chunking_equals_one_batch():
+    model = _prepared(small_standard())
+    x = torch.rand(7, 3, 4, 4, dtype=torch.float64)
+    full = measure(model, x, method="exact")
+    chunked = measure(model, x, method="exact", max_batch=3)
+    torch.testing.assert_close(full.hessian_norm, chunked.hessian_norm)
+    torch.testing.assert_close(full.grad_norm, chunked.grad_norm)
+
+
+def test_report_aggregates_exactly_the_examples_seen():
+    model = _prepared(small_standard())
+    x = torch.rand(10, 3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 5, (10,))
+    loader = [(x[i : i + 3], y[i : i + 3]) for i in range(0, 10, 3)]  # 3, 3, 3, 1
+    rep = report(model, loader, method="exact", progress=False)
+    full = measure(model, x, y, method="exact")
+    assert rep.n == 10
+    for name in ("grad_norm", "hessian_norm", "curvature"):
+        assert abs(rep.stats[name]["mean"] - getattr(full, name).mean().item()) <= 1e-12 * getattr(
+            full, name).mean().item()
+        assert abs(rep.stats[name]["std"] - getattr(full, name).std().item()) <= 1e-9
+    capped = report(model, loader, method="exact", progress=False, max_examples=5)
+    assert capped.n == 5
+    assert abs(capped.stats["grad_norm"]["mean"] - full.grad_norm[:5].mean().item()) <= 1e-12
+    assert "over 10 examples" in str(rep)
+
+
+def test_relative_gradient_robustness_matches_hessian():
+    model = _prepared(small_lcnn())
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    r = relative_gradient_robustness(model, x, radii=(0.0, 1e-5), n_samples=2, seed=1)
+    assert r.shape == (2, 2, 2) and (r[0] == 0).all()
+    # at a tiny radius, r ≈ ‖Hδ‖/‖g‖ ≤ ‖H‖·‖δ‖/‖g‖
+    res = measure(model, x, method="exact")
+    assert (r[1] <= res.hessian_norm / res.grad_norm * 1e-5 * (1 + 1e-3)).all()
+    assert (r[1] > 0).all()
+
+
+def test_bad_input():
+    model = _prepared(small_lcnn())
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        measure(model, x.clone().fill_(float("nan")))
+    with pytest.raises(ValueError, match=r"labels in \[0, 5\)"):
+        measure(model, x, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"y must be an integer tensor of shape \(2,\)"):
+        measure(model, x, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="method"):
+        measure(model, x, method="svd")
+    with pytest.raises(ValueError, match=r"logits of shape \(B=2, C\)"):
+        measure(nn.Sequential(model, nn.Unflatten(1, (5, 1))), x)
+
+    class Detached(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return model(t.detach())
+
+    with pytest.raises(ValueError, match="no differentiable path"):
+        measure(Detached(), x)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        measure(lambda t: t, x)

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from lcnn_plugin.curvature import measure, relative_gradient_robustness, report
+from lcnn_plugin.fold import fold_batchnorm
+from lcnn_plugin.kernels import triton_available
 from lcnn_plugin.layers import CenteredSoftplus, LipschitzBatchNorm2d, SNConv2d, SNLinear
 
 
@@ -180,3 +182,102 @@ def test_bad_input():
         measure(Detached(), x)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         measure(lambda t: t, x)
+
+
+class PiecewiseLinear(nn.Module):
+    """ReLU, max-pool, eval BN, a residual sum and a scaled branch: piecewise linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = nn.functional.leaky_relu(self.bn2(self.conv2(h)), 0.1) + 0.5 * h
+        return self.fc(self.pool(h).flatten(1))
+
+
+def _prepared6(model: nn.Module) -> nn.Module:
+    model = model.double().train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 6, 6, dtype=torch.float64))
+    return model.eval()
+
+
+def squared_softmax_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A loss whose logit Hessian is not diag p − ppᵀ (and is indefinite)."""
+    return torch.logsumexp(2 * logits, 1) - logits.gather(1, y[:, None]).squeeze(1) ** 2
+
+
+@pytest.mark.parametrize("loss_fn", [None, squared_softmax_loss], ids=["ce", "custom"])
+def test_piecewise_linear_is_exact(loss_fn):
+    torch.manual_seed(0)
+    model = _prepared6(PiecewiseLinear())
+    x = torch.rand(5, 3, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    g_true, h_true = dense_truth(model, x, y, loss_fn)
+    r = measure(model, x, y, method="piecewise_linear", loss_fn=loss_fn)
+    torch.testing.assert_close(r.grad_norm, g_true, rtol=1e-9, atol=0)
+    torch.testing.assert_close(r.hessian_norm, h_true, rtol=1e-8, atol=0)
+    assert r.hvps.eq(5).all() and r.converged.all()
+    pred = measure(model, x, method="piecewise_linear", loss_fn=loss_fn)  # predicted labels
+    torch.testing.assert_close(pred.hessian_norm, measure(model, x, model(x).argmax(1), method="exact",
+                                                          loss_fn=loss_fn).hessian_norm)
+
+
+def test_piecewise_linear_refuses_smooth_models():
+    model = _prepared(small_lcnn())
+    with pytest.raises(ValueError, match=r"piecewise-linear model; not: 2: CenteredSoftplus"):
+        measure(model, torch.rand(2, 3, 4, 4, dtype=torch.float64), method="piecewise_linear")
+
+
+@pytest.mark.parametrize("build", [small_lcnn, small_standard], ids=["lcnn", "standard"])
+def test_fold_bn_keeps_the_function(build):
+    torch.manual_seed(1)
+    model = build()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.1, 3.0)
+            if isinstance(m, LipschitzBatchNorm2d):
+                m.log_gamma.data.fill_(0.0)  # γ = 1: the clip is active
+    model = model.double().eval()
+    x = torch.rand(4, 3, 4, 4, dtype=torch.float64)
+    folded = fold_batchnorm(model, x[:1])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is intact
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    a = measure(model, x, method="exact")
+    b = measure(model, x, method="exact", fold_bn=True)
+    torch.testing.assert_close(b.hessian_norm, a.hessian_norm, rtol=1e-10, atol=0)
+    torch.testing.assert_close(b.grad_norm, a.grad_norm, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_engine_equals_eager(dtype):
+    model = _prepared(small_lcnn()).to(dtype)
+    x = torch.rand(3, 3, 4, 4, dtype=dtype)
+    eager = measure(model, x, method="power", engine="autograd", tol=1e-4)
+    compiled = measure(model, x, method="power", engine="compiled", tol=1e-4)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(compiled.grad_norm, eager.grad_norm, rtol=rtol, atol=0)
+    torch.testing.assert_close(compiled.hessian_norm, eager.hessian_norm, rtol=rtol * 10, atol=0)
+
+
+@pytest.mark.skipif(not triton_available("cuda") and not triton_available("cpu"),
+                    reason="Triton is not installed, or no CUDA and TRITON_INTERPRET is not 1")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_engine_equals_eager(dtype):
+    model = _prepared(small_lcnn()).to(dtype)
+    x = torch.rand(3, 3, 4, 4, dtype=dtype)
+    eager = measure(model, x, method="lanczos", engine="autograd")
+    fused = measure(model, x, method="lanczos", engine="triton")
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert fused.engine == "triton" and not any(getattr(m, "fused", False) for m in model.modules())
+    torch.testing.assert_close(fused.grad_norm, eager.grad_norm, rtol=rtol, atol=0)
+    torch.testing.assert_close(fused.hessian_norm, eager.hessian_norm, rtol=rtol * 10, atol=0)

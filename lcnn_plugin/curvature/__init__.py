@@ -9,7 +9,8 @@ label is given, or a per-example loss the caller passes), with the model in eval
 
 Methods: ``lanczos`` (default; batched, full re-orthogonalisation, stops per example on a
 residual bound), ``power`` (|λ| from ‖Hv‖), ``reference`` (the paper's estimator exactly,
-for comparison) and ``exact`` (dense Hessians, small inputs only).
+for comparison), ``exact`` (dense Hessians, small inputs only) and ``piecewise_linear``
+(exact Jᵀ A J for ReLU-type networks, C backward passes, no iteration).
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fold import fold_batchnorm
 from . import eigen
-from .hvp import ENGINES, HVP, LossFn, per_example_cross_entropy
+from .hvp import ENGINES, HVP, LossFn, per_example_cross_entropy, resolve_engine
+from .piecewise import piecewise_linear_curvature, piecewise_linear_violations
 
-METHODS = ("lanczos", "power", "reference", "exact")
+METHODS = ("lanczos", "power", "reference", "exact", "piecewise_linear")
 
 __all__ = [
     "CurvatureReport", "CurvatureResult", "ENGINES", "METHODS", "measure",
-    "per_example_cross_entropy", "relative_gradient_robustness", "report",
+    "per_example_cross_entropy", "piecewise_linear_violations", "relative_gradient_robustness",
+    "report",
 ]
 
 
@@ -91,7 +95,7 @@ def measure(
     y: torch.Tensor | None = None,
     *,
     method: str = "lanczos",
-    engine: str = "autograd",
+    engine: str = "auto",
     loss_fn: LossFn | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
@@ -99,6 +103,7 @@ def measure(
     eps: float = 1e-6,
     max_batch: int | None = None,
     seed: int = 0,
+    fold_bn: bool = False,
 ) -> CurvatureResult:
     """Per-example gradient norm, Hessian norm and normalised curvature of ``model`` at ``x``.
 
@@ -106,15 +111,20 @@ def measure(
         model: maps (B, ...) inputs to (B, C) logits; measured in eval mode, without
             parameter gradients (its mode and requires_grad flags are restored).
         x: inputs (B, ...), e.g. [0, 1] pixels. y: labels (B,), or None for the predicted ones.
-        method: ``lanczos`` | ``power`` | ``reference`` | ``exact``.
-        engine: ``autograd`` (double backward, gradient graph re-used) or ``func``
-            (forward-over-reverse).
+        method: ``lanczos`` | ``power`` | ``reference`` | ``exact`` | ``piecewise_linear``
+            (the model must be piecewise linear: checked, with an error naming the first
+            operations that are not).
+        engine: HVP engine, ``auto`` | ``autograd`` | ``func`` | ``compiled`` | ``triton``
+            (see :mod:`lcnn_plugin.curvature.hvp`); ``auto`` is recorded as what it chose.
         loss_fn: per-example loss (logits, y) → (B,); default cross-entropy.
         tol, max_iter: stopping rule of ``lanczos`` (residual, default 1e-3, 64 steps) and
             ``power`` (relative change, default 1e-5, 500 steps). k: steps of ``reference``.
         eps: the ε of curvature = hessian_norm / (grad_norm + ε).
         max_batch: measure in chunks of at most this many examples (memory).
         seed: seeds the random start vectors (results are deterministic).
+        fold_bn: measure a copy of the model with eval BatchNorm folded into the
+            convolutions before it (same function, fewer operations per HVP; needs a model
+            that torch.fx can trace).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -127,14 +137,23 @@ def measure(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     chunks = range(0, x.shape[0], max_batch or x.shape[0])
     parts = []
+    engine = resolve_engine(engine, model, x)
     with _EvalNoParamGrad(model):
+        if fold_bn:
+            model = fold_batchnorm(model, x[:1])
+        if method == "piecewise_linear":
+            bad = piecewise_linear_violations(model, x[:1])
+            if bad:
+                more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+                raise ValueError("method='piecewise_linear' needs a piecewise-linear model; not: "
+                                 + "; ".join(bad[:3]) + more)
         for start in chunks:
             stop = start + (max_batch or x.shape[0])
             parts.append(_measure_chunk(model, x[start:stop], None if y is None else y[start:stop],
                                         method, engine, loss_fn, tol, max_iter, k, gen))
     cat = [torch.cat([p[i] for p in parts]) for i in range(5)]
     grad_norm, hessian_norm, hvps, converged, error = cat
-    options = dict(tol=tol, max_iter=max_iter, k=k, seed=seed, max_batch=max_batch)
+    options = dict(tol=tol, max_iter=max_iter, k=k, seed=seed, max_batch=max_batch, fold_bn=fold_bn)
     return CurvatureResult(
         grad_norm, hessian_norm, hessian_norm / (grad_norm + eps), method, engine,
         hvps, converged, error, eps, options,
@@ -142,18 +161,12 @@ def measure(
 
 
 def _measure_chunk(model, x, y, method, engine, loss_fn, tol, max_iter, k, gen):  # noqa: ANN001,ANN202
-    with torch.no_grad():
-        logits = model(x)
-    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-        raise ValueError(f"model must return logits of shape (B={x.shape[0]}, C), got {tuple(logits.shape)}")
-    if y is None:
-        y = logits.argmax(1)
-    elif y.min() < 0 or y.max() >= logits.shape[1]:
-        raise ValueError(f"y must hold labels in [0, {logits.shape[1]}), got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
-    y = y.to(device=x.device, dtype=torch.long)
-    op = HVP(model, x, y, loss_fn, engine)
     B, d = x.shape[0], x[0].numel()
+    if method == "piecewise_linear":
+        grad_norm, value, C = piecewise_linear_curvature(model, x, y, loss_fn)
+        full = torch.full((B,), C, dtype=torch.long, device=x.device)
+        return grad_norm, value, full, torch.ones_like(full, dtype=torch.bool), torch.zeros_like(value)
+    op = HVP(model, x, y, loss_fn, engine)
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
         return op.apply(v.view_as(x)).reshape(B, d)

@@ -77,7 +77,13 @@ class CenteredSoftplus(nn.Module):
         """The current β as a (differentiable) 0-d tensor."""
         return self.log_beta.exp() + self.beta_floor
 
+    fused = False  # True: the Triton kernel (see lcnn_plugin.kernels.use_fused_softplus)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from ..kernels.softplus import fused_centered_softplus
+
+            return fused_centered_softplus(x, self.beta)
         return centered_softplus(x, self.beta.to(x.dtype))
 
     def lipschitz(self) -> float:

@@ -1,0 +1,103 @@
+"""Fold eval-mode BatchNorm into the convolution before it.
+
+In eval, BatchNorm (torch's, or :class:`~lcnn_plugin.layers.LipschitzBatchNorm2d` with its
+γ clip) is a per-channel affine map y_c = a_c x_c + b_c; after a convolution with applied
+weight W (W/σ for our spectrally normalised convs, σ frozen in eval) and bias c, the pair is
+one convolution with weight a_c W_c and bias a_c c_c + b_c. Folding keeps the function and
+removes the normalisation from every forward, backward and double backward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+from torch import nn
+
+from .layers.norm import LipschitzBatchNorm2d
+from .layers.spectral import SpectralNormConv
+
+
+def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with bn(x)_c = a_c x_c + b_c in eval."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{type(bn).__name__} without running statistics cannot be folded")
+    a = torch.rsqrt(bn.running_var.double() + bn.eps)
+    b = -bn.running_mean.double() * a
+    if bn.affine:
+        a, b = a * bn.weight.double(), b * bn.weight.double() + bn.bias.double()
+    if isinstance(bn, LipschitzBatchNorm2d):
+        scale = bn.lipschitz_scale().double()
+        a, b = a * scale, b * scale
+    return a, b
+
+
+def _folded_conv(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(conv.kernel_size)]
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+              padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+              padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    w = conv.weight.double()
+    if isinstance(conv, SpectralNormConv):
+        w = w / conv.sn_sigma.double()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
+    a, b = _bn_affine(bn)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    new.weight.data.copy_(w * a.view(shape))
+    new.bias.data.copy_(bias * a + b)
+    return new
+
+
+def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) -> torch.fx.GraphModule:
+    """A copy of ``model`` (eval) with every conv → BatchNorm pair folded into one conv.
+
+    A pair is folded when the BatchNorm's only input is the output of a (plain or spectrally
+    normalised) 1d/2d/3d convolution that nothing else uses. ``example_input`` (optional):
+    one eval forward is run on the original first, so that spectral norms settle their
+    state for that input shape. The model is traced with torch.fx (raises if it cannot be);
+    the original is not modified. The copy's parameters do not require grad.
+    """
+    from .bound import _Tracer
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        if example_input is not None:
+            with torch.no_grad():
+                model(example_input)
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as e:  # noqa: BLE001 - reported with the model's name
+            name = type(model).__name__
+            raise ValueError(f"fold_batchnorm: {name} cannot be traced by torch.fx ({e})") from e
+        gm = copy.deepcopy(torch.fx.GraphModule(model, graph))
+    finally:
+        model.train(was_training)
+    gm.eval()
+    modules = dict(gm.named_modules())
+    BN, Conv = nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd
+    ConvT = nn.modules.conv._ConvTransposeNd
+    with torch.no_grad():
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or not isinstance(modules[node.target], BN):
+                continue
+            src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+            if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
+                continue
+            conv = modules[src.target]
+            if not isinstance(conv, Conv) or isinstance(conv, ConvT):
+                continue
+            parent, _, name = src.target.rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            setattr(owner, name, _folded_conv(conv, modules[node.target]))
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm

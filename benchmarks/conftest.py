@@ -1,6 +1,16 @@
-"""Options of the benchmark suites (models, sizes), selectable on the pytest command line."""
+"""Options and shared fixtures of the benchmark suites, selectable on the pytest command line."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import timm
+import torch
+
+import lcnn_plugin  # noqa: F401  (registers the models)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -9,9 +19,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="comma-separated timm model names")
     group.addoption("--bench-batch", type=int, default=32, help="batch size (32)")
     group.addoption("--bench-size", type=int, default=32, help="input height and width (32)")
+    group.addoption("--bench-gpu-batch", type=int, default=128, help="batch size of the GPU benchmarks (128)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "model_name" in metafunc.fixturenames:
         names = [n for n in metafunc.config.getoption("--bench-models").split(",") if n]
         metafunc.parametrize("model_name", names, scope="module")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), seconds), synchronising CUDA around the call."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def bench_model(
+    name: str, batch: int, size: int, device: str = "cpu"
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A timm model with settled BatchNorm statistics and spectral norms (eval), and a batch."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).to(device)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(batch, 3, size, size, device=device))
+    model.eval()
+    return model, torch.rand(batch, 3, size, size, device=device)

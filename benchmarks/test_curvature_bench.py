@@ -1,94 +1,105 @@
-"""Curvature estimation: ours (Lanczos) against the paper's reference estimator.
+"""Curvature estimation: ours (Lanczos) against the paper's reference estimator, on CPU.
 
-Accuracy is measured against a tightly converged Lanczos run (residual tolerance 1e-7) on
-the same model and batch. extra_info records seconds, HVPs per example and the fraction of
-examples within 1% of it. Run: ``pytest benchmarks/test_curvature_bench.py``.
+Accuracy is measured against a tightly converged Lanczos run (residual tolerance 1e-7, up to
+200 steps) on the same model and batch; "within 1%" counts examples whose Hessian norm is
+within 1% of it. extra_info records seconds, HVPs per example and the accuracy figures.
+Run: ``pytest benchmarks/test_curvature_bench.py`` (options in benchmarks/conftest.py).
+
+Targets (asserted): ours ≥ 4× faster than the reference at equal accuracy (the smallest k
+whose estimate is within 1% on ≥ 95% of examples; if no k up to 160 gets there, the
+ratio against k = 160 is a lower bound and is what is asserted); one HVP ≤ 2× one
+forward+backward for the input gradient.
 """
 
 from __future__ import annotations
 
-import time
-
 import pytest
-import timm
 import torch
+from conftest import bench_model, timed
 
-import lcnn_plugin  # noqa: F401
 from lcnn_plugin.curvature import measure
+from lcnn_plugin.curvature.hvp import HVP, per_example_cross_entropy
 
 _CACHE: dict = {}
+LADDER = (10, 20, 40, 80, 160)
 
 
 @pytest.fixture(scope="module")
 def setup(model_name, request):
-    if model_name in _CACHE:
-        return _CACHE[model_name]
-    batch = request.config.getoption("--bench-batch")
-    size = request.config.getoption("--bench-size")
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=10)
-    x = torch.rand(batch, 3, size, size)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(batch, 3, size, size))
-    model.eval()
-    y = torch.randint(0, 10, (batch,))
-    truth = measure(model, x, y, method="lanczos", tol=1e-7, max_iter=200).hessian_norm
-    _CACHE[model_name] = (model, x, y, truth)
+    if model_name not in _CACHE:
+        batch = request.config.getoption("--bench-batch")
+        size = request.config.getoption("--bench-size")
+        model, x = bench_model(model_name, batch, size)
+        y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
+        truth = measure(model, x, y, method="lanczos", tol=1e-7, max_iter=200).hessian_norm
+        _CACHE[model_name] = (model, x, y, truth)
     return _CACHE[model_name]
 
 
-def _record(benchmark, result, truth, seconds):
+def _accuracy(result, truth) -> dict:
     rel = (result.hessian_norm - truth).abs() / truth
-    within = float((rel <= 0.01).double().mean())
+    return dict(hvps_mean=float(result.hvps.double().mean()),
+                within_1pct=float((rel <= 0.01).double().mean()),
+                median_rel_error=float(rel.median()), max_rel_error=float(rel.max()))
+
+
+@pytest.mark.parametrize("engine,fold_bn", [("autograd", False), ("autograd", True), ("func", False)],
+                         ids=["autograd", "autograd-foldbn", "func"])
+def test_ours_lanczos(benchmark, setup, engine, fold_bn):
+    model, x, y, truth = setup
+    run = lambda: measure(model, x, y, method="lanczos", engine=engine, fold_bn=fold_bn)  # noqa: E731
+    res, secs = timed(lambda: benchmark.pedantic(run, rounds=1, iterations=1))
+    acc = _accuracy(res, truth)
+    benchmark.extra_info.update(seconds=secs, **acc)
+    assert acc["within_1pct"] >= 0.95
+
+
+def test_reference_at_equal_accuracy(benchmark, setup):
+    """The paper's estimator over a ladder of k, against ours timed in the same test."""
+    model, x, y, truth = setup
+    ours, t_ours = timed(lambda: measure(model, x, y, method="lanczos"))
+    acc_ours = _accuracy(ours, truth)
+    ladder = {}
+    k_equal = None
+    for k in LADDER:
+        res, secs = timed(lambda k=k: measure(model, x, y, method="reference", k=k))
+        ladder[k] = dict(seconds=secs, **_accuracy(res, truth))
+        if ladder[k]["within_1pct"] >= 0.95:
+            k_equal = k
+            break
+    k_cmp = k_equal or LADDER[-1]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are in extra_info
+    ratio = ladder[k_cmp]["seconds"] / t_ours
     benchmark.extra_info.update(
-        seconds=seconds, hvps_mean=float(result.hvps.double().mean()),
-        within_1pct=within, median_rel_error=float(rel.median()), max_rel_error=float(rel.max()),
+        ours_seconds=t_ours, ours=acc_ours, reference={str(k): v for k, v in ladder.items()},
+        k_equal_accuracy=k_equal, speedup_vs_reference=ratio,
+        speedup_is_lower_bound=k_equal is None,
     )
-    return within
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-def test_ours_lanczos(benchmark, setup):
-    model, x, y, truth = setup
-    res, secs = _timed(lambda: benchmark.pedantic(
-        measure, args=(model, x, y), kwargs=dict(method="lanczos"), rounds=1, iterations=1))
-    assert _record(benchmark, res, truth, secs) >= 0.95
-
-
-@pytest.mark.parametrize("k", [10, 20, 40, 80])
-def test_reference(benchmark, setup, k):
-    model, x, y, truth = setup
-    res, secs = _timed(lambda: benchmark.pedantic(
-        measure, args=(model, x, y), kwargs=dict(method="reference", k=k), rounds=1, iterations=1))
-    _record(benchmark, res, truth, secs)
+    assert acc_ours["within_1pct"] >= 0.95
+    assert ratio >= 4.0, ladder
 
 
 def test_one_hvp_against_forward_backward(benchmark, setup):
     """Time of one HVP (graph re-used) over one forward+backward for the input gradient."""
-    from lcnn_plugin.curvature.hvp import HVP, per_example_cross_entropy
-
     model, x, y, _ = setup
-    for p in model.parameters():
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
         p.requires_grad_(False)
+    try:
+        def fwd_bwd():
+            t = x.detach().requires_grad_(True)
+            torch.autograd.grad(per_example_cross_entropy(model(t), y).sum(), t)
 
-    def fwd_bwd():
-        t = x.detach().requires_grad_(True)
-        torch.autograd.grad(per_example_cross_entropy(model(t), y).sum(), t)
-
-    op = HVP(model, x, y, per_example_cross_entropy, "autograd")
-    v = torch.randn_like(x)
-    fwd_bwd(), op.apply(v)  # warm-up
-    n = 3
-    _, t_fb = _timed(lambda: [fwd_bwd() for _ in range(n)])
-    _, t_hvp = _timed(lambda: [op.apply(v) for _ in range(n)])
-    benchmark.pedantic(op.apply, args=(v,), rounds=1, iterations=1)
-    benchmark.extra_info.update(forward_backward_s=t_fb / n, hvp_s=t_hvp / n, ratio=t_hvp / t_fb)
-    for p in model.parameters():
-        p.requires_grad_(True)
+        op = HVP(model, x, y, per_example_cross_entropy, "autograd")
+        v = torch.randn_like(x)
+        fwd_bwd(), op.apply(v)  # warm-up
+        n = 5
+        _, t_fb = timed(lambda: [fwd_bwd() for _ in range(n)])
+        _, t_hvp = timed(lambda: [op.apply(v) for _ in range(n)])
+        benchmark.pedantic(op.apply, args=(v,), rounds=1, iterations=1)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    ratio = t_hvp / t_fb
+    benchmark.extra_info.update(forward_backward_s=t_fb / n, hvp_s=t_hvp / n, ratio=ratio)
+    assert ratio <= 2.0

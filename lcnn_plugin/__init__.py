@@ -8,6 +8,7 @@ Importing the package registers the LCNN ResNets with timm::
 
 from . import layers, models
 from .bound import ModelBound, UnboundedError, model_bound
+from .fold import fold_batchnorm
 from .layers import CenteredSoftplus, LipschitzBatchNorm2d, SNConv2d, SNLinear
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "SNConv2d",
     "SNLinear",
     "UnboundedError",
+    "fold_batchnorm",
     "layers",
     "model_bound",
     "models",

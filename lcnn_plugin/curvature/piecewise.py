@@ -36,7 +36,8 @@ _PL_FUNCS = {
     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, torch.sum, F.pad,
     "add", "sub", "neg", "relu", "mean", "sum",
 } | _REARRANGE_FUNCS | _REARRANGE_METHODS
-_SCALE_FUNCS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
+_DIV_FUNCS = {operator.truediv, torch.div, "div"}
+_SCALE_FUNCS = {operator.mul, torch.mul, "mul"} | _DIV_FUNCS
 
 
 def piecewise_linear_violations(model: nn.Module, example_input: torch.Tensor) -> list[str]:
@@ -51,18 +52,25 @@ def piecewise_linear_violations(model: nn.Module, example_input: torch.Tensor) -
         ShapeProp(gm).propagate(example_input)
     modules = dict(gm.named_modules())
     bad = []
+    dependent = set()  # nodes whose value depends on the input
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr") or "tensor_meta" not in node.meta:
+        if node.op == "placeholder":
+            dependent.add(node)
+        if node.op in ("placeholder", "output") or not any(a in dependent for a in node.all_input_nodes):
+            continue
+        dependent.add(node)
+        if "tensor_meta" not in node.meta:
             continue
         if node.op == "call_module":
             m = modules[node.target]
             if not isinstance(m, _PL_MODULES):
                 bad.append(f"{node.target}: {type(m).__name__} is not piecewise linear")
             continue
-        tensors = [a for a in node.all_input_nodes if "tensor_meta" in a.meta]
         if node.target in _SCALE_FUNCS:
-            if len(tensors) > 1:
-                bad.append(f"{node.name}: product of two tensors is not piecewise linear")
+            varying = [a for a in node.args if a in dependent]
+            divides_by_input = node.target in _DIV_FUNCS and node.args[0] not in dependent
+            if len(varying) > 1 or divides_by_input:
+                bad.append(f"{node.name}: an input-dependent product or divisor")
         elif node.target not in _PL_FUNCS:
             name = getattr(node.target, "__name__", str(node.target))
             bad.append(f"{node.name}: {name} is not known to be piecewise linear")

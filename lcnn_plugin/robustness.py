@@ -1,0 +1,409 @@
+"""Robust accuracy under torchattacks attacks over an ε sweep, with honesty checks.
+
+``evaluate(model, loader, attacks, eps)`` runs each attack at each ε of its norm on every
+example (inputs in [0, 1]; any normalisation lives inside the model, so torchattacks sees
+exactly the model's own logits) and returns clean and robust accuracy with a 95% Wilson
+interval, the per-example worst case over the attacks of each norm and ε, and the results
+of checks that expose gradient masking:
+
+- ``monotone_eps``: robust accuracy does not rise with ε (beyond ``tol``);
+- ``stronger_attack``: 4× the steps and one more restart do not raise it beyond ``tol``;
+- ``large_eps``: at an ε that covers the whole input box it falls to ≤ 5%;
+- ``apgd_not_weaker``: APGD / AutoAttack is not weaker than PGD at the same norm and ε;
+- ``gradients``: input gradients of the loss are finite and non-zero.
+
+A model that fails one is flagged (``result.flagged``): its figures may be an artefact of
+masked gradients rather than robustness. ``tol`` is max(2/n, 1%) over the n examples a
+check compares.
+
+Determinism: the caller's RNG state is kept; each attack call on batch i is preceded by
+``torch.manual_seed(seed + i)``, and APGD / AutoAttack get ``seed`` explicitly (torchattacks'
+AutoAttack seeds itself from the clock otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("Linf", "L2")
+# name: norm of the attack
+ATTACKS = {"fgsm": "Linf", "pgd": "Linf", "pgdl2": "L2", "apgd": "Linf", "apgdl2": "L2",
+           "autoattack": "Linf", "autoattackl2": "L2"}
+_ITERATIVE = ("pgd", "pgdl2", "apgd", "apgdl2")
+
+__all__ = ["ATTACKS", "Check", "Entry", "RobustnessResult", "build_attack", "evaluate", "wilson_interval"]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def build_attack(name: str, model: nn.Module, eps: float, *, steps: int = 10, restarts: int = 1,
+                 seed: int = 0, n_classes: int = 10) -> Any:
+    """A torchattacks attack by our name (see :data:`ATTACKS`), with the step size
+    α = 2.5·ε/steps for PGD (Madry et al.) and explicit seeds for APGD and AutoAttack."""
+    import torchattacks
+
+    if name not in ATTACKS:
+        raise ValueError(f"attack must be one of {sorted(ATTACKS)}, got {name!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    norm = ATTACKS[name]
+    alpha = 2.5 * eps / steps
+    if name == "fgsm":
+        return torchattacks.FGSM(model, eps=eps)
+    if name == "pgd":
+        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    if name == "pgdl2":
+        return torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    if name in ("apgd", "apgdl2"):
+        return torchattacks.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed)
+    return torchattacks.AutoAttack(model, norm=norm, eps=eps, version="standard", n_classes=n_classes,
+                                   seed=seed)
+
+
+@dataclass
+class Entry:
+    """Robust accuracy of one attack (or ``worst-case``) at one ε."""
+
+    attack: str
+    norm: str
+    eps: float
+    n: int
+    robust_acc: float
+    ci95: tuple[float, float]
+    seconds: float
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class RobustnessResult:
+    model: str
+    dataset: str
+    n: int
+    clean_acc: float
+    clean_ci95: tuple[float, float]
+    entries: list[Entry]
+    worst_case: list[Entry]
+    checks: list[Check]
+    settings: dict[str, Any] = field(default_factory=dict)
+    # per-example correctness: "clean" and "<attack>@<eps>" → bool tensor (n,)
+    correct: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def flagged(self) -> bool:
+        """True when an honesty check failed (possible gradient masking)."""
+        return any(not c.passed for c in self.checks)
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """RobustBench-style rows: model, dataset, norm, eps, attack, n_examples, clean_acc, robust_acc."""
+        return [dict(model=self.model, dataset=self.dataset, norm=e.norm, eps=e.eps, attack=e.attack,
+                     n_examples=e.n, clean_acc=self.clean_acc, robust_acc=e.robust_acc,
+                     robust_acc_ci95=list(e.ci95))
+                for e in self.entries + self.worst_case]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(model=self.model, dataset=self.dataset, n_examples=self.n, clean_acc=self.clean_acc,
+                    clean_acc_ci95=list(self.clean_ci95), rows=self.summary_rows(),
+                    checks=[asdict(c) for c in self.checks], flagged=self.flagged, settings=self.settings)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.as_dict(), **kwargs)
+
+    def table(self) -> str:
+        head = ("| model | dataset | norm | eps | attack | n | clean acc | robust acc (95% CI) |\n"
+                + "|---" * 8 + "|")
+        rows = [f"| {r['model']} | {r['dataset']} | {r['norm']} | {r['eps']:.4g} | {r['attack']} | "
+                f"{r['n_examples']} | {100 * r['clean_acc']:.1f} | {100 * r['robust_acc']:.1f} "
+                f"({100 * r['robust_acc_ci95'][0]:.1f}–{100 * r['robust_acc_ci95'][1]:.1f}) |"
+                for r in self.summary_rows()]
+        return "\n".join([head, *rows])
+
+    def __str__(self) -> str:
+        lines = [self.table(), "", "honesty checks:"]
+        lines += [f"  [{'ok' if c.passed else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
+        if self.flagged:
+            lines.append("FLAGGED: a check failed; the robust accuracy may reflect gradient masking")
+        return "\n".join(lines)
+
+
+class _EvalMode:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.training)
+
+
+def _eps_plan(
+    attacks: Sequence[str], eps: Mapping[str, Sequence[float]] | Sequence[float]
+) -> dict[str, list]:
+    for a in attacks:
+        if a not in ATTACKS:
+            raise ValueError(f"attacks: unknown attack {a!r}; choose from {sorted(ATTACKS)}")
+    if isinstance(eps, Mapping):
+        for norm in eps:
+            if norm not in NORMS:
+                raise ValueError(f"eps: keys must be norms {NORMS}, got {norm!r}")
+        plan = {a: list(eps.get(ATTACKS[a], ())) for a in attacks}
+        for a, values in plan.items():
+            if not values:
+                raise ValueError(f"eps: no ε given for the {ATTACKS[a]} norm of attack {a!r}")
+    else:
+        norms = {ATTACKS[a] for a in attacks}
+        if len(norms) > 1:
+            raise ValueError(f"eps: attacks of several norms {sorted(norms)}; give eps as {{norm: [ε, ...]}}")
+        plan = {a: list(eps) for a in attacks}
+    for values in plan.values():
+        for e in values:
+            if not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0):
+                raise ValueError(f"eps must be finite numbers >= 0, got {e!r}")
+    return plan
+
+
+def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int) -> int:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"batch {index}: inputs must be a floating-point tensor")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"batch {index}: inputs contain NaN or inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"batch {index}: inputs must lie in [0, 1] (normalise inside the model); "
+                         f"got values in [{lo:.4g}, {hi:.4g}]")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.shape != x.shape[:1]:
+        raise ValueError(f"batch {index}: labels must be integers of shape ({x.shape[0]},), "
+                         f"got {y.dtype} {tuple(y.shape)}")
+    with torch.no_grad():
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model must return logits of shape (B={x.shape[0]}, C), got {shape}")
+    C = out.shape[1]
+    if int(y.min()) < 0 or int(y.max()) >= C:
+        raise ValueError(f"batch {index}: labels must lie in [0, {C}), got [{int(y.min())}, {int(y.max())}]")
+    probs = (out >= 0).all() and (out <= 1).all() and torch.allclose(out.sum(1), torch.ones_like(out[:, 0]))
+    if C > 1 and bool(probs):
+        raise ValueError("model returns probabilities (rows in [0, 1] summing to 1); the attacks need "
+                         "logits: remove the final softmax")
+    return C
+
+
+def _attack_correct(model: nn.Module, atk: Any, x: torch.Tensor, y: torch.Tensor, norm: str,
+                    eps: float, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    adv = atk(x, y)
+    delta = (adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+    if (size > eps * (1 + 1e-4) + 1e-6).any() or adv.min() < 0 or adv.max() > 1:
+        raise RuntimeError(f"{type(atk).__name__} left the {norm} ball of radius {eps} or the [0, 1] box "
+                           f"(max size {float(size.max()):.4g})")
+    with torch.no_grad():
+        return model(adv).argmax(1) == y
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    attacks: Sequence[str] = ("pgd", "apgd"),
+    eps: Mapping[str, Sequence[float]] | Sequence[float] = (2 / 255, 4 / 255, 8 / 255),
+    *,
+    steps: int = 10,
+    restarts: int = 1,
+    max_examples: int | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    checks: bool = True,
+    check_examples: int = 256,
+    progress: bool = True,
+    model_name: str | None = None,
+    dataset: str = "",
+) -> RobustnessResult:
+    """Clean and robust accuracy of ``model`` on ``loader`` ((x, y) batches, x in [0, 1]).
+
+    Args:
+        attacks: names from :data:`ATTACKS` (fgsm, pgd, pgdl2, apgd, apgdl2, autoattack,
+            autoattackl2); each has a norm.
+        eps: the ε sweep: a sequence (all attacks of one norm) or ``{"Linf": [...], "L2": [...]}``.
+        steps, restarts: iterations of PGD / APGD and restarts of APGD.
+        max_examples: evaluate at most this many examples. device: move batches (and the
+            model) there. seed: see the module docstring.
+        checks: run the honesty checks on the first ``check_examples`` examples.
+        model_name, dataset: labels for the summary.
+
+    The model is evaluated in eval mode and its mode is restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not attacks:
+        raise ValueError("attacks: give at least one attack")
+    plan = _eps_plan(attacks, eps)
+    for name, value in (("steps", steps), ("restarts", restarts), ("check_examples", check_examples)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    from tqdm.auto import tqdm
+
+    if device is not None:
+        model = model.to(device)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    keys = [(a, e) for a in attacks for e in plan[a]]
+    correct: dict[str, list[torch.Tensor]] = {"clean": []}
+    correct.update({f"{a}@{e:g}": [] for a, e in keys})
+    seconds = dict.fromkeys(keys, 0.0)
+    kept_x: list[torch.Tensor] = []
+    kept_y: list[torch.Tensor] = []
+    n_classes = seen = 0
+    bar = tqdm(total=max_examples, disable=not progress, desc="robustness", unit="ex")
+    with _EvalMode(model), torch.random.fork_rng(devices=devices):
+        for i, batch in enumerate(loader):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError(f"batch {i}: the loader must yield (inputs, labels)")
+            x, y = batch[0], batch[1]
+            if max_examples is not None:
+                x, y = x[: max_examples - seen], y[: max_examples - seen]
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            n_classes = _check_batch(model, x, y, i)
+            y = y.long()
+            with torch.no_grad():
+                clean = model(x).argmax(1) == y
+            correct["clean"].append(clean.cpu())
+            for a, e in keys:
+                atk = build_attack(a, model, e, steps=steps, restarts=restarts, seed=seed,
+                                   n_classes=n_classes)
+                t0 = time.perf_counter()
+                ok = _attack_correct(model, atk, x, y, ATTACKS[a], e, seed + i)
+                seconds[(a, e)] += time.perf_counter() - t0
+                correct[f"{a}@{e:g}"].append((ok & clean).cpu())
+            if sum(len(t) for t in kept_x) < check_examples:
+                kept_x.append(x.detach())
+                kept_y.append(y)
+            seen += x.shape[0]
+            bar.update(x.shape[0])
+            if max_examples is not None and seen >= max_examples:
+                break
+        bar.close()
+        if seen == 0:
+            raise ValueError("the loader yielded no examples")
+        flat = {k: torch.cat(v) for k, v in correct.items()}
+        entries = [_entry(a, ATTACKS[a], e, flat[f"{a}@{e:g}"], seconds[(a, e)]) for a, e in keys]
+        worst = []
+        for norm in NORMS:
+            for e in sorted({e for a, e in keys if ATTACKS[a] == norm}):
+                names = [a for a, ee in keys if ATTACKS[a] == norm and ee == e]
+                if len(names) > 1:
+                    both = torch.stack([flat[f"{a}@{e:g}"] for a in names]).all(0)
+                    worst.append(_entry("worst-case", norm, e, both, 0.0))
+        check_list: list[Check] = []
+        if checks:
+            xs, ys = torch.cat(kept_x)[:check_examples], torch.cat(kept_y)[:check_examples]
+            check_list = _honesty_checks(model, xs, ys, entries, flat, plan, steps, restarts, seed, n_classes)
+    clean_all = flat["clean"]
+    k = int(clean_all.sum())
+    settings = dict(attacks=list(attacks), eps={a: plan[a] for a in attacks}, steps=steps, restarts=restarts,
+                    seed=seed, alpha="2.5*eps/steps", check_examples=check_examples)
+    return RobustnessResult(model_name or type(model).__name__, dataset, seen, k / seen,
+                            wilson_interval(k, seen), entries, worst, check_list, settings, flat)
+
+
+def _entry(attack: str, norm: str, eps: float, ok: torch.Tensor, seconds: float) -> Entry:
+    n, k = len(ok), int(ok.sum())
+    return Entry(attack, norm, float(eps), n, k / n, wilson_interval(k, n), seconds)
+
+
+def _tol(n: int) -> float:
+    return max(2.0 / n, 0.01)
+
+
+def _honesty_checks(model, x, y, entries, flat, plan, steps, restarts, seed, n_classes) -> list[Check]:  # noqa: ANN001
+    out = []
+    n_all = len(flat["clean"])
+    # 1. monotone in ε
+    bad = []
+    for a, values in plan.items():
+        by_eps = {en.eps: en.robust_acc for en in entries if en.attack == a}
+        accs = [(e, by_eps[e]) for e in sorted(values)]
+        for (e0, a0), (e1, a1) in zip(accs, accs[1:]):
+            if a1 > a0 + _tol(n_all):
+                bad.append(f"{a}: {100 * a0:.1f}% at ε={e0:g} < {100 * a1:.1f}% at ε={e1:g}")
+    out.append(Check("monotone_eps", not bad, "; ".join(bad) or "robust accuracy never rises with ε"))
+    n = x.shape[0]
+    clean = flat["clean"][:n].to(x.device)
+    # 2. a stronger attack does not do worse
+    iterative = [a for a in plan if a in _ITERATIVE]
+    if iterative:
+        a = iterative[0]
+        e = sorted(plan[a])[len(plan[a]) // 2]
+        base = float(flat[f"{a}@{e:g}"][:n].double().mean())
+        ok = clean.clone()
+        for r in range(restarts + 1):
+            atk = build_attack(a, model, e, steps=4 * steps, restarts=restarts + 1, seed=seed + 1 + r,
+                               n_classes=n_classes)
+            ok &= _attack_correct(model, atk, x, y, ATTACKS[a], e, seed + 7919 * (r + 1))
+            if a.startswith("apgd"):
+                break  # APGD restarts internally
+        strong = float(ok.double().mean())
+        out.append(Check("stronger_attack", strong <= base + _tol(n),
+                         f"{a} at ε={e:g} on {n} examples: {100 * base:.1f}% with {steps} steps, "
+                         f"{100 * strong:.1f}% with {4 * steps} steps and {restarts + 1} restarts"))
+    # 3. an ε that covers the input box drives robust accuracy to ~0
+    norm = ATTACKS[next(iter(plan))]
+    big = 1.0 if norm == "Linf" else math.sqrt(x[0].numel())
+    pgd = "pgd" if norm == "Linf" else "pgdl2"
+    atk = build_attack(pgd, model, big, steps=max(20, steps), n_classes=n_classes)
+    acc = float((_attack_correct(model, atk, x, y, norm, big, seed) & clean).double().mean())
+    out.append(Check("large_eps", acc <= 0.05,
+                     f"{norm} PGD at ε={big:.4g} (the whole input box) leaves {100 * acc:.1f}% robust"))
+    # 4. APGD / AutoAttack not weaker than PGD
+    bad, compared = [], 0
+    for strong_name, weak_name in (("apgd", "pgd"), ("autoattack", "pgd"), ("apgdl2", "pgdl2"),
+                                   ("autoattackl2", "pgdl2")):
+        for e in set(plan.get(strong_name, ())) & set(plan.get(weak_name, ())):
+            compared += 1
+            s = float(flat[f"{strong_name}@{e:g}"].double().mean())
+            w = float(flat[f"{weak_name}@{e:g}"].double().mean())
+            if s > w + _tol(n_all):
+                bad.append(f"{strong_name} {100 * s:.1f}% > {weak_name} {100 * w:.1f}% at ε={e:g}")
+    if compared:
+        out.append(Check("apgd_not_weaker", not bad, "; ".join(bad) or f"{compared} comparisons"))
+    # 5. input gradients finite and non-zero
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg, allow_unused=True)
+    if g is None:
+        out.append(Check("gradients", False, "the loss has no gradient with respect to the input"))
+    else:
+        norms = g.flatten(1).norm(dim=1)
+        finite = bool(torch.isfinite(g).all())
+        zero = int((norms == 0).sum())
+        out.append(Check("gradients", finite and zero == 0,
+                         f"{'finite' if finite else 'NOT finite'}; {zero} of {n} examples have a zero "
+                         f"input gradient; median norm {float(norms.median()):.3g}"))
+    return out

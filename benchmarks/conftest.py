@@ -20,6 +20,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-batch", type=int, default=32, help="batch size (32)")
     group.addoption("--bench-size", type=int, default=32, help="input height and width (32)")
     group.addoption("--bench-gpu-batch", type=int, default=128, help="batch size of the GPU benchmarks (128)")
+    group.addoption("--bench-data", default=None,
+                    help="ImageFolder of test images for the robustness suite (default: random images "
+                         "labelled by the model's own prediction)")
+    group.addoption("--bench-examples", type=int, default=64, help="examples of the robustness suite (64)")
+    group.addoption("--bench-eps", default="0.0078431,0.0156863,0.0313725",
+                    help="comma-separated L-inf ε of the robustness suite (2/255, 4/255, 8/255)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

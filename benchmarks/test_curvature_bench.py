@@ -76,7 +76,8 @@ def test_reference_at_equal_accuracy(benchmark, setup):
         speedup_is_lower_bound=k_equal is None,
     )
     assert acc_ours["within_1pct"] >= 0.95
-    assert ratio >= 4.0, ladder
+    if not benchmark.disabled:  # timing targets only when timing (not in the CI smoke run)
+        assert ratio >= 4.0, ladder
 
 
 def test_one_hvp_against_forward_backward(benchmark, setup):
@@ -102,4 +103,5 @@ def test_one_hvp_against_forward_backward(benchmark, setup):
             p.requires_grad_(flag)
     ratio = t_hvp / t_fb
     benchmark.extra_info.update(forward_backward_s=t_fb / n, hvp_s=t_hvp / n, ratio=ratio)
-    assert ratio <= 2.0
+    if not benchmark.disabled:
+        assert ratio <= 2.0

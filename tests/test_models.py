@@ -16,7 +16,17 @@ def test_registry_lists_every_variant():
         for stem in ("", "_cifar"):
             for kind in ("lcnn_resnet", "lcnn_standard_resnet", "lcnn_softplus_resnet"):
                 assert f"{kind}{depth}{stem}" in MODELS
-    assert len(MODELS) == 18
+    for kind in ("lcnn_resnet", "lcnn_standard_resnet", "lcnn_softplus_resnet"):
+        assert f"{kind}10_w16_cifar" in MODELS
+    assert len(MODELS) == 21
+
+
+def test_small_variant_widths():
+    m = timm.create_model("lcnn_resnet10_w16_cifar")
+    assert [f["num_chs"] for f in m.feature_info] == [16, 16, 32, 64, 128]
+    assert len(m.layer1) == 1 and m.num_features == 128
+    with pytest.raises(ValueError, match="width must be an integer >= 1"):
+        timm.create_model("lcnn_resnet18_cifar", width=0)
 
 
 def _warm(model: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> None:

@@ -164,7 +164,7 @@ class LcnnResNet(nn.Module):
 
     Args:
         block: ``"basic"`` or ``"bottleneck"``.
-        layers: blocks per stage (4 stages, widths 64·2^i).
+        layers: blocks per stage (4 stages, widths width·2^i).
         num_classes: classifier outputs (0: no classifier, pooled features).
         in_chans: input channels.
         stem: ``"cifar"`` (3×3 stride 1, no pooling) or ``"imagenet"`` (7×7 stride 2 and a
@@ -172,6 +172,7 @@ class LcnnResNet(nn.Module):
         kind: ``"lcnn"``, ``"standard"`` or ``"softplus"``.
         beta: activation β (default by kind: 5, 1000, 10). gamma: initial γ of γ-BN (10).
         global_pool: timm pool type of the head. drop_rate: dropout before the classifier.
+        width: channels of the stem and the first stage (64).
     """
 
     def __init__(
@@ -186,6 +187,7 @@ class LcnnResNet(nn.Module):
         gamma: float = 10.0,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        width: int = 64,
     ) -> None:
         super().__init__()
         blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -193,6 +195,8 @@ class LcnnResNet(nn.Module):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        if not (isinstance(width, int) and width >= 1):
+            raise ValueError(f"width must be an integer >= 1, got {width!r}")
         if in_chans < 1 or num_classes < 0:
             raise ValueError(f"need in_chans >= 1 and num_classes >= 0, got {in_chans}, {num_classes}")
         block_cls = blocks[block]
@@ -205,17 +209,17 @@ class LcnnResNet(nn.Module):
 
         # registration order is execution order (timm's FeatureListNet relies on it)
         cifar = stem == "cifar"
-        self.conv1 = f.conv(in_chans, 64, 3) if cifar else f.conv(in_chans, 64, 7, stride=2)
-        self.bn1 = f.norm(64)
+        self.conv1 = f.conv(in_chans, width, 3) if cifar else f.conv(in_chans, width, 7, stride=2)
+        self.bn1 = f.norm(width)
         self.act1 = f.act()
         self.pool = nn.Identity() if cifar else nn.AvgPool2d(3, stride=2, padding=1)
         reduction = 1 if cifar else 2
-        self.feature_info = [dict(num_chs=64, reduction=reduction, module="act1")]
+        self.feature_info = [dict(num_chs=width, reduction=reduction, module="act1")]
         reduction *= 1 if cifar else 2
 
-        cin = 64
+        cin = width
         for i, n in enumerate(layers):
-            planes = 64 * 2**i
+            planes = width * 2**i
             stride = 1 if i == 0 else 2
             reduction *= stride
             stage = []
@@ -315,40 +319,43 @@ def _cfg(stem: str, **kwargs: Any) -> dict[str, Any]:
     return base
 
 
-_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
-_PREFIX = {"lcnn": "lcnn_resnet", "standard": "lcnn_standard_resnet", "softplus": "lcnn_softplus_resnet"}
+# name: (block, layers, width, description)
+_ARCHS = {
+    "resnet18": ("basic", (2, 2, 2, 2), 64, "ResNet-18"),
+    "resnet34": ("basic", (3, 4, 6, 3), 64, "ResNet-34"),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 64, "ResNet-50"),
+    "resnet10_w16": ("basic", (1, 1, 1, 1), 16, "ResNet-10 of width 16 (0.31M parameters, for quick runs)"),
+}
+_PREFIX = {"lcnn": "lcnn_", "standard": "lcnn_standard_", "softplus": "lcnn_softplus_"}
+_STEMS = {"resnet10_w16": ("cifar",)}  # the small variant is CIFAR-only
 
 
-def _name(kind: str, depth: int, stem: str) -> str:
-    return f"{_PREFIX[kind]}{depth}" + ("_cifar" if stem == "cifar" else "")
+def _name(kind: str, arch: str, stem: str) -> str:
+    return f"{_PREFIX[kind]}{arch}" + ("_cifar" if stem == "cifar" else "")
 
 
-default_cfgs = generate_default_cfgs(
-    {
-        _name(kind, depth, stem): _cfg(stem)
-        for kind in KINDS
-        for depth in _DEPTHS
-        for stem in ("cifar", "imagenet")
-    }
-)
+def _variants() -> list[tuple[str, str, str]]:
+    return [(kind, arch, stem) for kind in KINDS for arch in _ARCHS
+            for stem in _STEMS.get(arch, ("cifar", "imagenet"))]
 
 
-def _register(kind: str, depth: int, stem: str) -> None:
-    name = _name(kind, depth, stem)
-    block, layers = _DEPTHS[depth]
+default_cfgs = generate_default_cfgs({_name(k, a, s): _cfg(s) for k, a, s in _variants()})
+
+
+def _register(kind: str, arch: str, stem: str) -> None:
+    name = _name(kind, arch, stem)
+    block, layers, width, desc = _ARCHS[arch]
 
     def create(pretrained: bool = False, **kwargs: Any) -> LcnnResNet:
-        args = dict(block=block, layers=layers, stem=stem, kind=kind)
+        args = dict(block=block, layers=layers, stem=stem, kind=kind, width=width)
         return _create(name, pretrained, **dict(args, **kwargs))
 
     create.__name__ = create.__qualname__ = name
     create.__module__ = __name__
     stem_doc = "CIFAR stem (3×3 stride 1, no pooling)" if stem == "cifar" else "ImageNet stem"
-    create.__doc__ = f"ResNet-{depth}, {_KIND_DOC[kind]}, {stem_doc}."
+    create.__doc__ = f"{desc}, {_KIND_DOC[kind]}, {stem_doc}."
     globals()[name] = register_model(create)
 
 
-for _kind in KINDS:
-    for _depth in _DEPTHS:
-        for _stem in ("cifar", "imagenet"):
-            _register(_kind, _depth, _stem)
+for _variant in _variants():
+    _register(*_variant)

@@ -1,0 +1,60 @@
+"""First robustness table on real data: the pretrained CIFAR-10 ResNets under PGD.
+
+    python benchmarks/robustness_table.py --pretrained ../shared/data/pretrained \
+        --data ../shared/data/cifar10_test1000_png --out benchmarks/results/cifar10_pretrained
+
+PGD L2 at ε ∈ {0.05, 0.1, 0.15, 0.2} and PGD L∞ at 8/255 (10 steps, α = 2.5ε/10), on the
+first ``--n`` images of an ImageFolder, with the honesty checks. Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torchvision import datasets, transforms
+
+import lcnn_plugin  # noqa: F401
+from lcnn_plugin.robustness import evaluate
+
+CHECKPOINTS = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet32": "resnet32-d509ac18.th"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", required=True, help="folder with the akamaster checkpoints")
+    p.add_argument("--data", required=True, help="ImageFolder of CIFAR-10 test images")
+    p.add_argument("--out", required=True, help="output path without extension")
+    p.add_argument("--n", type=int, default=1000, help="number of test images (1000)")
+    p.add_argument("--batch", type=int, default=250)
+    args = p.parse_args()
+    ds = datasets.ImageFolder(args.data, transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(args.n, len(ds)))),
+                                         batch_size=args.batch)
+    results, md = [], []
+    for name, file in CHECKPOINTS.items():
+        path = Path(args.pretrained) / file
+        if not path.exists():
+            sys.exit(f"robustness_table: checkpoint {path} not found")
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+        t0 = time.perf_counter()
+        dataset = f"CIFAR-10 test[:{args.n}] ({Path(args.data).name})"
+        res = evaluate(model, loader, ["pgdl2", "pgd"], {"L2": [0.05, 0.1, 0.15, 0.2], "Linf": [8 / 255]},
+                       model_name=f"{name} (pretrained)", dataset=dataset)
+        secs = time.perf_counter() - t0
+        results.append(dict(res.as_dict(), seconds=secs))
+        md += [f"## {name} (pretrained, {file})", "", str(res), "", f"({secs:.0f} s on this machine)", ""]
+    cmd = "python " + " ".join(sys.argv)
+    Path(args.out + ".json").write_text(json.dumps(dict(command=cmd, results=results), indent=1))
+    Path(args.out + ".md").write_text("\n".join(["# Robustness of the pretrained CIFAR-10 ResNets", "",
+                                                 f"Command: `{cmd}`", "", *md]))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

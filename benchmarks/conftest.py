@@ -20,6 +20,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-batch", type=int, default=32, help="batch size (32)")
     group.addoption("--bench-size", type=int, default=32, help="input height and width (32)")
     group.addoption("--bench-gpu-batch", type=int, default=128, help="batch size of the GPU benchmarks (128)")
+    group.addoption("--bench-train-model", default="lcnn_resnet18_cifar",
+                    help="model of the training-step suite (lcnn_resnet18_cifar)")
+    group.addoption("--bench-train-batch", type=int, default=64, help="batch of the training-step suite (64)")
     group.addoption("--bench-data", default=None,
                     help="ImageFolder of test images for the robustness suite (default: random images "
                          "labelled by the model's own prediction)")

@@ -103,7 +103,7 @@ def measure(
     eps: float = 1e-6,
     max_batch: int | None = None,
     seed: int = 0,
-    fold_bn: bool = False,
+    fold_bn: bool | None = None,
 ) -> CurvatureResult:
     """Per-example gradient norm, Hessian norm and normalised curvature of ``model`` at ``x``.
 
@@ -123,8 +123,9 @@ def measure(
         max_batch: measure in chunks of at most this many examples (memory).
         seed: seeds the random start vectors (results are deterministic).
         fold_bn: measure a copy of the model with eval BatchNorm folded into the
-            convolutions before it (same function, fewer operations per HVP; needs a model
-            that torch.fx can trace).
+            convolutions before it (same function, fewer operations per HVP). True needs a
+            model that torch.fx can trace; None (default) folds when it can and says in
+            ``options["fold_bn"]`` whether it did; False never folds.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -139,8 +140,16 @@ def measure(
     parts = []
     engine = resolve_engine(engine, model, x)
     with _EvalNoParamGrad(model):
+        auto = fold_bn is None
+        if auto:
+            fold_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         if fold_bn:
-            model = fold_batchnorm(model, x[:1])
+            try:
+                model = fold_batchnorm(model, x[:1])
+            except ValueError:  # not traceable: measured as it is (recorded in options)
+                if not auto:
+                    raise
+                fold_bn = False
         if method == "piecewise_linear":
             bad = piecewise_linear_violations(model, x[:1])
             if bad:

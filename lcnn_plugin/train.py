@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,8 +256,12 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             if key.startswith("optim."):
                 _, i, name = key.split(".", 2)
                 opt_state["state"].setdefault(int(i), {})[name] = v
+        for group, saved_group in zip(opt_state["param_groups"], meta["optimizer"]["param_groups"]):
+            group.update(saved_group)  # lr as scheduled so far, momentum, weight decay
         opt.load_state_dict(opt_state)
-        sched.load_state_dict(meta["scheduler"])
+        sched_state = dict(meta["scheduler"])  # JSON turned the milestone Counter's keys into strings
+        sched_state["milestones"] = Counter({int(k): v for k, v in sched_state["milestones"].items()})
+        sched.load_state_dict(sched_state)
         start_epoch, start_step, global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         torch.set_rng_state(tensors["rng.torch"])
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []

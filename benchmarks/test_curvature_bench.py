@@ -29,8 +29,8 @@ def setup(model_name, request):
     if model_name not in _CACHE:
         batch = request.config.getoption("--bench-batch")
         size = request.config.getoption("--bench-size")
-        model, x = bench_model(model_name, batch, size)
-        y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
+        steps = request.config.getoption("--bench-train-steps")
+        model, x, y = bench_model(model_name, batch, size, train_steps=steps)
         truth = measure(model, x, y, method="lanczos", tol=1e-7, max_iter=200).hessian_norm
         _CACHE[model_name] = (model, x, y, truth)
     return _CACHE[model_name]
@@ -82,25 +82,19 @@ def test_reference_at_equal_accuracy(benchmark, setup):
 
 def test_one_hvp_against_forward_backward(benchmark, setup):
     """Time of one HVP (graph re-used) over one forward+backward for the input gradient."""
-    model, x, y, _ = setup
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        def fwd_bwd():
-            t = x.detach().requires_grad_(True)
-            torch.autograd.grad(per_example_cross_entropy(model(t), y).sum(), t)
+    model, x, y, _ = setup  # parameters do not require grad (as in measure())
 
-        op = HVP(model, x, y, per_example_cross_entropy, "autograd")
-        v = torch.randn_like(x)
-        fwd_bwd(), op.apply(v)  # warm-up
-        n = 5
-        _, t_fb = timed(lambda: [fwd_bwd() for _ in range(n)])
-        _, t_hvp = timed(lambda: [op.apply(v) for _ in range(n)])
-        benchmark.pedantic(op.apply, args=(v,), rounds=1, iterations=1)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    def fwd_bwd():
+        t = x.detach().requires_grad_(True)
+        torch.autograd.grad(per_example_cross_entropy(model(t), y).sum(), t)
+
+    op = HVP(model, x, y, per_example_cross_entropy, "autograd")
+    v = torch.randn_like(x)
+    fwd_bwd(), op.apply(v)  # warm-up
+    n = 5
+    _, t_fb = timed(lambda: [fwd_bwd() for _ in range(n)])
+    _, t_hvp = timed(lambda: [op.apply(v) for _ in range(n)])
+    benchmark.pedantic(op.apply, args=(v,), rounds=1, iterations=1)
     ratio = t_hvp / t_fb
     benchmark.extra_info.update(forward_backward_s=t_fb / n, hvp_s=t_hvp / n, ratio=ratio)
     if not benchmark.disabled:

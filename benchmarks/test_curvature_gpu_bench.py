@@ -27,8 +27,8 @@ def setup(model_name, request):
     if model_name not in _CACHE:
         batch = request.config.getoption("--bench-gpu-batch")
         size = request.config.getoption("--bench-size")
-        model, x = bench_model(model_name, batch, size, device="cuda")
-        y = torch.randint(0, 10, (batch,), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        steps = request.config.getoption("--bench-train-steps")
+        model, x, y = bench_model(model_name, batch, size, device="cuda", train_steps=steps)
         truth = measure(model, x, y, method="lanczos", tol=1e-7, max_iter=200).hessian_norm
         _CACHE[model_name] = dict(model=model, x=x, y=y, truth=truth, seconds={})
     return _CACHE[model_name]

@@ -38,8 +38,8 @@ def _batches(model, request):
 
 
 def test_pgd_sweep(benchmark, model_name, request):
-    model, _ = bench_model(model_name, request.config.getoption("--bench-batch"),
-                           request.config.getoption("--bench-size"))
+    model = bench_model(model_name, request.config.getoption("--bench-batch"),
+                        request.config.getoption("--bench-size"))[0]
     eps = [float(e) for e in request.config.getoption("--bench-eps").split(",")]
     loader = _batches(model, request)
     res = benchmark.pedantic(evaluate, args=(model, loader, ["pgd"], eps),
@@ -53,7 +53,7 @@ def test_pgd_sweep(benchmark, model_name, request):
 def twins(request):
     batch = request.config.getoption("--bench-batch")
     size = request.config.getoption("--bench-size")
-    return {name: bench_model(name, batch, size) for name in TWINS}
+    return {name: bench_model(name, batch, size)[:2] for name in TWINS}
 
 
 def _ratio(benchmark, twins, fn, n=3):

@@ -101,6 +101,17 @@ def test_lcnn_penalties_closed_form_and_gradient():
     check_param_gradient(model, obj, x, y)
 
 
+@pytest.mark.parametrize("name", ["cure", "adversarial"])
+def test_several_training_forwards_per_step(name):
+    """CURE and adversarial training run the model more than once per step in train mode,
+    where spectral norms and BatchNorm update their state in place."""
+    model = tiny_lcnn().train()
+    x, y = _batch()
+    out = make_objective(name)(model, x, y)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_adversarial_uses_torchattacks_pgdl2():
     model = tiny_smooth()
     x, y = _batch()

@@ -173,7 +173,9 @@ class _SpectralNormBase:
         if not self._sn_hold:
             with torch.no_grad():
                 self.sn_v.copy_(v_update(self.sn_v.detach()))
-        sigma = self._apply_operator(self.sn_v).norm()
+        # a copy: a later training forward (CURE, attacks) updates sn_v in place, and this
+        # forward's graph must keep the v it used
+        sigma = self._apply_operator(self.sn_v.clone()).norm()
         with torch.no_grad():
             self.sn_sigma.copy_(sigma)
         return sigma

@@ -90,3 +90,42 @@ def bench_model(
         p.requires_grad_(False)
     x, y = _synthetic("test", batch, size, device)
     return model, x, y
+
+
+_CASES: dict = {}
+LADDER = (10, 20, 40, 80, 160)  # k of the paper's estimator tried for equal accuracy
+
+
+def curvature_case(model_name: str, batch: int, size: int, steps: int, device: str = "cpu") -> dict:
+    """A briefly trained model, a held-out batch and the tight Lanczos truth (tol 1e-7, ≤ 200
+    steps) of its Hessian norms; cached per arguments."""
+    from lcnn_plugin.curvature import measure
+
+    key = (model_name, batch, size, steps, device)
+    if key not in _CASES:
+        model, x, y = bench_model(model_name, batch, size, device=device, train_steps=steps)
+        truth = measure(model, x, y, method="lanczos", tol=1e-7, max_iter=200).hessian_norm
+        _CASES[key] = dict(model=model, x=x, y=y, truth=truth, seconds={})
+    return _CASES[key]
+
+
+def accuracy(result: Any, truth: torch.Tensor) -> dict:
+    """HVPs per example and the relative error of the Hessian norms against ``truth``."""
+    rel = (result.hessian_norm - truth).abs() / truth
+    return dict(hvps_mean=float(result.hvps.double().mean()),
+                within_1pct=float((rel <= 0.01).double().mean()),
+                median_rel_error=float(rel.median()), max_rel_error=float(rel.max()))
+
+
+def reference_ladder(case: dict) -> tuple[dict, int | None]:
+    """The paper's estimator at increasing k until ≥ 95% of examples are within 1% of the
+    truth: ({k: seconds and accuracy}, the k that got there or None)."""
+    from lcnn_plugin.curvature import measure
+
+    ladder = {}
+    for k in LADDER:
+        res, secs = timed(lambda k=k: measure(case["model"], case["x"], case["y"], method="reference", k=k))
+        ladder[k] = dict(seconds=secs, **accuracy(res, case["truth"]))
+        if ladder[k]["within_1pct"] >= 0.95:
+            return ladder, k
+    return ladder, None

@@ -1,13 +1,14 @@
 """Curvature estimation: ours (Lanczos) against the paper's reference estimator, on CPU.
 
-Accuracy is measured against a tightly converged Lanczos run (residual tolerance 1e-7, up to
-200 steps) on the same model and batch; "within 1%" counts examples whose Hessian norm is
-within 1% of it. extra_info records seconds, HVPs per example and the accuracy figures.
-Run: ``pytest benchmarks/test_curvature_bench.py`` (options in benchmarks/conftest.py).
+Models are trained for ``--bench-train-steps`` SGD steps on the embedded data first (see
+``bench_model``), and measured on held-out images. Accuracy is against a tightly converged
+Lanczos run (residual tolerance 1e-7, up to 200 steps) on the same model and batch; "within
+1%" counts examples whose Hessian norm is within 1% of it. extra_info records seconds, HVPs
+per example and the accuracy figures. Run: ``pytest benchmarks/test_curvature_bench.py``.
 
-Targets (asserted): ours ≥ 4× faster than the reference at equal accuracy (the smallest k
-whose estimate is within 1% on ≥ 95% of examples; if no k up to 160 gets there, the
-ratio against k = 160 is a lower bound and is what is asserted); one HVP ≤ 2× one
+Targets (asserted when timing): ours ≥ 4× faster than the reference at equal accuracy (the
+smallest k whose estimate is within 1% on ≥ 95% of examples; if no k up to 160 gets there,
+the ratio against k = 160 is a lower bound and is what is asserted); one HVP ≤ 2× one
 forward+backward for the input gradient.
 """
 
@@ -15,74 +16,49 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bench_model, timed
+from conftest import LADDER, accuracy, curvature_case, reference_ladder, timed
 
 from lcnn_plugin.curvature import measure
 from lcnn_plugin.curvature.hvp import HVP, per_example_cross_entropy
 
-_CACHE: dict = {}
-LADDER = (10, 20, 40, 80, 160)
-
 
 @pytest.fixture(scope="module")
-def setup(model_name, request):
-    if model_name not in _CACHE:
-        batch = request.config.getoption("--bench-batch")
-        size = request.config.getoption("--bench-size")
-        steps = request.config.getoption("--bench-train-steps")
-        model, x, y = bench_model(model_name, batch, size, train_steps=steps)
-        truth = measure(model, x, y, method="lanczos", tol=1e-7, max_iter=200).hessian_norm
-        _CACHE[model_name] = (model, x, y, truth)
-    return _CACHE[model_name]
-
-
-def _accuracy(result, truth) -> dict:
-    rel = (result.hessian_norm - truth).abs() / truth
-    return dict(hvps_mean=float(result.hvps.double().mean()),
-                within_1pct=float((rel <= 0.01).double().mean()),
-                median_rel_error=float(rel.median()), max_rel_error=float(rel.max()))
+def case(model_name, request):
+    opt = request.config.getoption
+    return curvature_case(model_name, opt("--bench-batch"), opt("--bench-size"), opt("--bench-train-steps"))
 
 
 @pytest.mark.parametrize("engine,fold_bn", [("autograd", False), ("autograd", True), ("func", False)],
                          ids=["autograd", "autograd-foldbn", "func"])
-def test_ours_lanczos(benchmark, setup, engine, fold_bn):
-    model, x, y, truth = setup
+def test_ours_lanczos(benchmark, case, engine, fold_bn):
+    model, x, y = case["model"], case["x"], case["y"]
     run = lambda: measure(model, x, y, method="lanczos", engine=engine, fold_bn=fold_bn)  # noqa: E731
     res, secs = timed(lambda: benchmark.pedantic(run, rounds=1, iterations=1))
-    acc = _accuracy(res, truth)
+    acc = accuracy(res, case["truth"])
     benchmark.extra_info.update(seconds=secs, **acc)
     assert acc["within_1pct"] >= 0.95
 
 
-def test_reference_at_equal_accuracy(benchmark, setup):
+def test_reference_at_equal_accuracy(benchmark, case):
     """The paper's estimator over a ladder of k, against ours timed in the same test."""
-    model, x, y, truth = setup
+    model, x, y = case["model"], case["x"], case["y"]
     ours, t_ours = timed(lambda: measure(model, x, y, method="lanczos"))
-    acc_ours = _accuracy(ours, truth)
-    ladder = {}
-    k_equal = None
-    for k in LADDER:
-        res, secs = timed(lambda k=k: measure(model, x, y, method="reference", k=k))
-        ladder[k] = dict(seconds=secs, **_accuracy(res, truth))
-        if ladder[k]["within_1pct"] >= 0.95:
-            k_equal = k
-            break
-    k_cmp = k_equal or LADDER[-1]
+    acc_ours = accuracy(ours, case["truth"])
+    ladder, k_equal = reference_ladder(case)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are in extra_info
-    ratio = ladder[k_cmp]["seconds"] / t_ours
+    ratio = ladder[k_equal or LADDER[-1]]["seconds"] / t_ours
     benchmark.extra_info.update(
         ours_seconds=t_ours, ours=acc_ours, reference={str(k): v for k, v in ladder.items()},
-        k_equal_accuracy=k_equal, speedup_vs_reference=ratio,
-        speedup_is_lower_bound=k_equal is None,
+        k_equal_accuracy=k_equal, speedup_vs_reference=ratio, speedup_is_lower_bound=k_equal is None,
     )
     assert acc_ours["within_1pct"] >= 0.95
     if not benchmark.disabled:  # timing targets only when timing (not in the CI smoke run)
         assert ratio >= 4.0, ladder
 
 
-def test_one_hvp_against_forward_backward(benchmark, setup):
+def test_one_hvp_against_forward_backward(benchmark, case):
     """Time of one HVP (graph re-used) over one forward+backward for the input gradient."""
-    model, x, y, _ = setup  # parameters do not require grad (as in measure())
+    model, x, y = case["model"], case["x"], case["y"]  # parameters do not require grad
 
     def fwd_bwd():
         t = x.detach().requires_grad_(True)

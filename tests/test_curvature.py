@@ -252,10 +252,30 @@ def test_fold_bn_keeps_the_function(build):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is intact
     torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
-    a = measure(model, x, method="exact")
+    a = measure(model, x, method="exact", fold_bn=False)
     b = measure(model, x, method="exact", fold_bn=True)
     torch.testing.assert_close(b.hessian_norm, a.hessian_norm, rtol=1e-10, atol=0)
     torch.testing.assert_close(b.grad_norm, a.grad_norm, rtol=1e-10, atol=0)
+    assert measure(model, x, method="exact").options["fold_bn"] is True  # the default folds when it can
+
+
+def test_fold_bn_default_falls_back_when_untraceable():
+    model = _prepared(small_standard())
+
+    class Untraceable(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.inner(t) if t.sum() > -1 else -self.inner(t)
+
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    r = measure(Untraceable(), x, method="exact")
+    assert r.options["fold_bn"] is False
+    torch.testing.assert_close(r.hessian_norm, measure(model, x, method="exact").hessian_norm)
+    with pytest.raises(ValueError, match="cannot be traced by torch.fx"):
+        measure(Untraceable(), x, method="exact", fold_bn=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

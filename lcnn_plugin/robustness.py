@@ -253,7 +253,8 @@ def evaluate(
         steps, restarts: iterations of PGD / APGD and restarts of APGD.
         max_examples: evaluate at most this many examples. device: move batches (and the
             model) there. seed: see the module docstring.
-        checks: run the honesty checks on the first ``check_examples`` examples.
+        checks: run the honesty checks on ``check_examples`` examples drawn uniformly (seeded
+            reservoir sampling) from those evaluated.
         model_name, dataset: labels for the summary.
 
     The model is evaluated in eval mode and its mode is restored afterwards.
@@ -277,8 +278,8 @@ def evaluate(
     correct: dict[str, list[torch.Tensor]] = {"clean": []}
     correct.update({f"{a}@{e:g}": [] for a, e in keys})
     seconds = dict.fromkeys(keys, 0.0)
-    kept_x: list[torch.Tensor] = []
-    kept_y: list[torch.Tensor] = []
+    kept: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # a uniform sample of (x, y, index)
+    reservoir = torch.Generator().manual_seed(seed)
     n_classes = seen = 0
     bar = tqdm(total=max_examples, disable=not progress, desc="robustness", unit="ex")
     with _EvalMode(model), torch.random.fork_rng(devices=devices):
@@ -302,9 +303,13 @@ def evaluate(
                 ok = _attack_correct(model, atk, x, y, ATTACKS[a], e, seed + i)
                 seconds[(a, e)] += time.perf_counter() - t0
                 correct[f"{a}@{e:g}"].append((ok & clean).cpu())
-            if sum(len(t) for t in kept_x) < check_examples:
-                kept_x.append(x.detach())
-                kept_y.append(y)
+            for j in range(x.shape[0]):  # reservoir sampling: loaders are often sorted by class
+                if seen + j < check_examples:
+                    kept.append((x[j].detach(), y[j], seen + j))
+                else:
+                    r = int(torch.randint(0, seen + j + 1, (1,), generator=reservoir))
+                    if r < check_examples:
+                        kept[r] = (x[j].detach(), y[j], seen + j)
             seen += x.shape[0]
             bar.update(x.shape[0])
             if max_examples is not None and seen >= max_examples:
@@ -323,8 +328,10 @@ def evaluate(
                     worst.append(_entry("worst-case", norm, e, both, 0.0))
         check_list: list[Check] = []
         if checks:
-            xs, ys = torch.cat(kept_x)[:check_examples], torch.cat(kept_y)[:check_examples]
-            check_list = _honesty_checks(model, xs, ys, entries, flat, plan, steps, restarts, seed, n_classes)
+            xs, ys = torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept])
+            idx = torch.tensor([k[2] for k in kept])
+            check_list = _honesty_checks(model, xs, ys, idx, entries, flat, plan, steps, restarts, seed,
+                                         n_classes)
     clean_all = flat["clean"]
     k = int(clean_all.sum())
     settings = dict(attacks=list(attacks), eps={a: plan[a] for a in attacks}, steps=steps, restarts=restarts,
@@ -342,7 +349,7 @@ def _tol(n: int) -> float:
     return max(2.0 / n, 0.01)
 
 
-def _honesty_checks(model, x, y, entries, flat, plan, steps, restarts, seed, n_classes) -> list[Check]:  # noqa: ANN001
+def _honesty_checks(model, x, y, idx, entries, flat, plan, steps, restarts, seed, n_classes) -> list[Check]:  # noqa: ANN001
     out = []
     n_all = len(flat["clean"])
     # 1. monotone in ε
@@ -355,13 +362,13 @@ def _honesty_checks(model, x, y, entries, flat, plan, steps, restarts, seed, n_c
                 bad.append(f"{a}: {100 * a0:.1f}% at ε={e0:g} < {100 * a1:.1f}% at ε={e1:g}")
     out.append(Check("monotone_eps", not bad, "; ".join(bad) or "robust accuracy never rises with ε"))
     n = x.shape[0]
-    clean = flat["clean"][:n].to(x.device)
+    clean = flat["clean"][idx].to(x.device)
     # 2. a stronger attack does not do worse
     iterative = [a for a in plan if a in _ITERATIVE]
     if iterative:
         a = iterative[0]
         e = sorted(plan[a])[len(plan[a]) // 2]
-        base = float(flat[f"{a}@{e:g}"][:n].double().mean())
+        base = float(flat[f"{a}@{e:g}"][idx].double().mean())
         ok = clean.clone()
         for r in range(restarts + 1):
             atk = build_attack(a, model, e, steps=4 * steps, restarts=restarts + 1, seed=seed + 1 + r,

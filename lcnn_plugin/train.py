@@ -74,7 +74,7 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
-    max_train_examples: int | None = None
+    max_train_examples: int | None = None  # a seeded random subset of this size
     eval_examples: int | None = 2000  # test examples evaluated after each epoch (None: all)
 
     def validate(self) -> None:
@@ -238,6 +238,10 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     test_data = load_dataset(config.data, "test", config.data_root, config.download)
     n_train = len(train_data) if config.max_train_examples is None else min(config.max_train_examples,
                                                                             len(train_data))
+    # the examples used: all, or a seeded random subset (datasets are often sorted by class)
+    pool = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed))[:n_train]
+    if n_train == len(train_data):
+        pool = torch.arange(n_train)
     steps_per_epoch = n_train // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
@@ -288,7 +292,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     for epoch in range(start_epoch, config.epochs):
         model.train()
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(n_train, generator=gen)
+        order = pool[torch.randperm(n_train, generator=gen)]
         first = start_step if epoch == start_epoch else 0
         partial = meta["partial_epoch"] if meta is not None and first else {}
         sums: dict[str, float] = dict(partial.get("sums", {}))

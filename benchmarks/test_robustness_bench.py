@@ -29,7 +29,8 @@ def _batches(model, request):
 
         tf = transforms.Compose([transforms.Resize(size), transforms.ToTensor()])
         ds = datasets.ImageFolder(root, transform=tf)
-        sub = torch.utils.data.Subset(ds, range(min(n, len(ds))))
+        step = max(1, len(ds) // n)  # spread over the folder: ImageFolders are sorted by class
+        sub = torch.utils.data.Subset(ds, range(0, step * min(n, len(ds)), step))
         return list(torch.utils.data.DataLoader(sub, batch_size=batch))
     x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -327,15 +327,18 @@ def evaluate(
                     both = torch.stack([flat[f"{a}@{e:g}"] for a in names]).all(0)
                     worst.append(_entry("worst-case", norm, e, both, 0.0))
         check_list: list[Check] = []
+        check_indices: list[int] = []
         if checks:
             xs, ys = torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept])
             idx = torch.tensor([k[2] for k in kept])
             check_list = _honesty_checks(model, xs, ys, idx, entries, flat, plan, steps, restarts, seed,
                                          n_classes)
+            check_indices = idx.tolist()
     clean_all = flat["clean"]
     k = int(clean_all.sum())
     settings = dict(attacks=list(attacks), eps={a: plan[a] for a in attacks}, steps=steps, restarts=restarts,
-                    seed=seed, alpha="2.5*eps/steps", check_examples=check_examples)
+                    seed=seed, alpha="2.5*eps/steps", check_examples=check_examples,
+                    check_indices=check_indices)
     return RobustnessResult(model_name or type(model).__name__, dataset, seen, k / seen,
                             wilson_interval(k, seen), entries, worst, check_list, settings, flat)
 

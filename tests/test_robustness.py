@@ -104,6 +104,20 @@ def test_honesty_checks_fire_on_a_masked_model(trained):
     assert "FLAGGED" in str(res)
 
 
+def test_checks_sample_examples_across_a_sorted_loader(trained):
+    """Loaders sorted by class must not give the checks one class: the stronger-attack check
+    compares on a uniform sample, so its baseline equals that sample's own accuracy."""
+    x, y = _data(64, 2)
+    order = torch.argsort(y, stable=True)
+    loader = [(x[order][i : i + 16], y[order][i : i + 16]) for i in range(0, 64, 16)]
+    res = evaluate(trained, loader, ["pgd"], [32 / 255], check_examples=16, progress=False)
+    idx = res.settings["check_indices"]
+    assert len(idx) == len(set(idx)) == 16 and max(idx) >= 48  # drawn from the whole loader
+    assert len(set(y[order][:16].tolist())) <= 2 < len(set(y[order][idx].tolist()))
+    detail = next(c.detail for c in res.checks if c.name == "stronger_attack")
+    assert "on 16 examples" in detail
+
+
 def test_autoattack_is_reproducible(trained):
     loader = _loader(12, 12)
     a = evaluate(trained, loader, ["autoattack"], [16 / 255], checks=False, progress=False, seed=5)

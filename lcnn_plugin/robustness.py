@@ -187,7 +187,8 @@ def _eps_plan(
     return plan
 
 
-def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int) -> int:
+def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int) -> torch.Tensor:
+    """The model's clean logits on a validated batch (a clear error otherwise)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"batch {index}: inputs must be a floating-point tensor")
     if not torch.isfinite(x).all():
@@ -211,7 +212,7 @@ def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int)
     if C > 1 and bool(probs):
         raise ValueError("model returns probabilities (rows in [0, 1] summing to 1); the attacks need "
                          "logits: remove the final softmax")
-    return C
+    return out
 
 
 def _attack_correct(model: nn.Module, atk: Any, x: torch.Tensor, y: torch.Tensor, norm: str,
@@ -291,10 +292,10 @@ def evaluate(
                 x, y = x[: max_examples - seen], y[: max_examples - seen]
             if device is not None:
                 x, y = x.to(device), y.to(device)
-            n_classes = _check_batch(model, x, y, i)
+            logits = _check_batch(model, x, y, i)
+            n_classes = logits.shape[1]
             y = y.long()
-            with torch.no_grad():
-                clean = model(x).argmax(1) == y
+            clean = logits.argmax(1) == y
             correct["clean"].append(clean.cpu())
             for a, e in keys:
                 atk = build_attack(a, model, e, steps=steps, restarts=restarts, seed=seed,

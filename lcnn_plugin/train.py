@@ -248,7 +248,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(dev)
-    objective = make_objective(config.objective, **config.objective_kwargs)
+    objective = objective_saved = make_objective(config.objective, **config.objective_kwargs)
     opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.milestones(), gamma=0.1)
     start_epoch, start_step, global_step, history = 0, 0, 0, []
@@ -288,7 +288,6 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             _write_checkpoint(out, model, opt, sched, config, objective_saved, epoch, step, global_step,
                               len(history), partial)
 
-    objective_saved = make_objective(config.objective, **config.objective_kwargs)
     for epoch in range(start_epoch, config.epochs):
         model.train()
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)

@@ -16,19 +16,55 @@ from torch import nn
 _LOG2 = math.log(2.0)
 
 
-def shifted_softplus(z: torch.Tensor) -> torch.Tensor:
-    """softplus(z) − log 2, accurate to the last bit near 0 and finite for any finite z.
+# log((1 + e^z)/2) = z/2 + z²·Σₖ cₖ z^{2k}: Taylor coefficients (truncation < 1e-10 for |z| < 1/2)
+_SERIES = (0.125, -5.2083333333333333e-03, 3.4722222222222222e-04, -2.6351686507936508e-05,
+           2.1356922398589065e-06)
 
-    With t = −|z| (built with ``where`` so that its derivative is ±1, never 0 at z = 0)
-    and g(t) = log1p(expm1(t)/2) = log((1 + e^t)/2), softplus(z) − log 2 = g(t) for z < 0
-    and z + g(t) for z ≥ 0. Neither branch overflows (t ≤ 0), there is no cancellation
-    against log 2, and autograd's first and second derivatives are exactly σ(z) and
-    σ(z)(1 − σ(z)) everywhere, z = 0 included.
-    """
-    neg = z < 0
-    t = torch.where(neg, z, -z)
+
+def _value_exact(z: torch.Tensor) -> torch.Tensor:
+    """softplus(z) − log 2 as log1p(expm1(t)/2) (t = −|z|): last-bit accurate, float64."""
+    t = -z.abs()
     g = torch.log1p(torch.expm1(t) * 0.5)
-    return torch.where(neg, g, z + g)
+    return torch.where(z < 0, g, z + g)
+
+
+def _value_fast(z: torch.Tensor) -> torch.Tensor:
+    """softplus(z) − log 2 from vectorised ops only (exp, log, mul, add; in place on fresh
+    temporaries: no autograd here): the Taylor series for |z| < 1/2 (no cancellation, relative
+    error ~1e-7 down to the smallest z) and relu(z) + log(1 + e^{−|z|}) − log 2 beyond
+    (|value| > 0.22: a few 1e-7 relative). expm1/log1p/softplus are not vectorised on many CPUs;
+    this costs about what ``F.softplus`` does."""
+    a = z.abs()
+    big = z.clamp_min(0.0).add_(a.neg().exp_().add_(1.0).log_()).sub_(_LOG2)
+    zc = z.clamp(-0.5, 0.5)
+    w = zc * zc
+    q = w * _SERIES[-1]
+    q.add_(_SERIES[-2])
+    for c in _SERIES[-3::-1]:
+        q.mul_(w).add_(c)
+    small = q.mul_(w).add_(zc, alpha=0.5)
+    return torch.where(a < 0.5, small, big, out=big)
+
+
+def shifted_softplus(z: torch.Tensor) -> torch.Tensor:
+    """softplus(z) − log 2: accurate near 0 (no cancellation against log 2), finite for any
+    finite z, with exact first and second derivatives.
+
+    The value is computed without autograd (float64: log1p(expm1(−|z|)/2), last-bit accurate;
+    other dtypes: float32 math from vectorised ops, see :func:`_value_fast`). Derivatives come
+    from h = d·σ(z) + d²·σ(z)(1 − σ(z))/2 with d = z − z.detach(): h is exactly 0, its first
+    derivative at the point is σ(z) and its second σ(z)(1 − σ(z)) (the exact softplus
+    derivatives, z = 0 included), for backward, double backward and forward-mode AD alike.
+    Under ``torch.no_grad`` (outside torch.func transforms) h is skipped.
+    """
+    zd = z.detach()
+    value = _value_exact(zd) if z.dtype == torch.float64 else _value_fast(zd.float()).to(z.dtype)
+    if not torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z):
+        return value
+    s = torch.sigmoid(zd)
+    k = (1.0 - s).mul_(s).mul_(0.5)
+    d = z - zd
+    return torch.addcmul(value, d, torch.addcmul(s, d, k))
 
 
 def centered_softplus(x: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:

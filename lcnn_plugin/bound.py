@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .layers.input_sn import InputSpectralNorm
 from .layers.spectral import conv_operator_norm
 
 
@@ -96,9 +97,20 @@ class ModelBound:
             f"  paper's normalised form  {fmt(self.normalized_curvature)}",
             f"  layers bounded: {len(self.layers)}",
         ]
-        for where, why in self.unbounded:
-            lines.append(f"  not bounded: {where}: {why}")
+        lines += [f"  not bounded: {line}" for line in grouped(self.unbounded)]
         return "\n".join(lines)
+
+
+def grouped(pairs: Sequence[tuple[str, str]], show: int = 4) -> list[str]:
+    """One line per distinct reason: "reason (n): where, where, … (+k more)"."""
+    by_reason: dict[str, list[str]] = {}
+    for where, why in pairs:
+        by_reason.setdefault(why, []).append(where or "<model>")
+    lines = []
+    for why, wheres in by_reason.items():
+        more = f", … (+{len(wheres) - show} more)" if len(wheres) > show else ""
+        lines.append(f"{why} ({len(wheres)}): {', '.join(wheres[:show])}{more}")
+    return lines
 
 
 # --- constants of torch's own modules and functions ----------------------------------------
@@ -155,6 +167,12 @@ def _torch_module_local(m: nn.Module, shape: Sequence[int]) -> Local | str:
         if isinstance(m, nn.AvgPool2d) and m.divisor_override:
             return "AvgPool2d with divisor_override is not supported"
         return Local(_avg_pool_norm(m, shape), 0.0, 0.0)
+    if isinstance(m, nn.Upsample) and m.mode == "nearest" and m.scale_factor is not None:
+        factors = m.scale_factor
+        if not isinstance(factors, tuple):
+            factors = (factors,) * (len(shape) - 2)
+        if all(float(f).is_integer() for f in factors):  # each input copied Π fᵢ times
+            return Local(math.sqrt(math.prod(factors)), 0.0, 0.0)
     if isinstance(m, nn.Softplus):
         return Local(1.0, m.beta / 4.0, float(m.beta))
     if isinstance(m, nn.Sigmoid):
@@ -179,6 +197,12 @@ _REASONS = {
 
 
 def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | None]:
+    hook = InputSpectralNorm.of(m)
+    if hook is not None:
+        try:
+            return Local(hook.lipschitz(m), 0.0, 0.0), None
+        except ValueError as e:
+            return Local(None, None, None), str(e)
     if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound"):
         norm_fn = getattr(m, "normalized_curvature_bound", None)
         return Local(float(m.lipschitz()), float(m.curvature_bound()),
@@ -194,11 +218,11 @@ def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | N
 
 _REARRANGE_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "float", "double", "to", "clone", "expand_as",
+    "float", "double", "to", "clone", "expand_as", "split", "chunk", "unbind",
 }
 _REARRANGE_FUNCS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-    torch.unsqueeze, operator.getitem, F.dropout,
+    torch.unsqueeze, operator.getitem, F.dropout, torch.split, torch.chunk, torch.unbind,
 }
 _ELEMENTWISE_FUNCS: dict[Any, Local] = {
     torch.sigmoid: Local(0.25, _SIGMOID_K, 1.0),
@@ -212,7 +236,7 @@ _ELEMENTWISE_FUNCS: dict[Any, Local] = {
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound"):
+        if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound") or InputSpectralNorm.of(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -272,6 +296,19 @@ def _sum(parts: Sequence[_Flow], quadrature: bool = False) -> _Flow:
 def _scale(c: float, inner: _Flow) -> _Flow:
     c = abs(float(c))
     return _Flow(_mul(c, inner.L), _mul(c, inner.K), _mul(c, inner.G), inner.terms)
+
+
+def _constant(gm: torch.fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """|c| as a float64 tensor for a number or a parameter/buffer, else None."""
+    if isinstance(arg, (int, float)):
+        return torch.tensor(abs(float(arg)), dtype=torch.float64)
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        value = gm
+        for part in arg.target.split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor):
+            return value.detach().double().abs()
+    return None
 
 
 def model_bound(
@@ -345,12 +382,17 @@ def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> Model
             continue  # python values derived from shapes
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in state]
         if node.op == "call_module":
-            m = modules[node.target]
-            local, why = _local_of_module(m, shape_of(deps[0]))
-            layers.append(LayerEntry(node.target, type(m).__name__, local))
-            if why:
-                flag(node.target, why)
-            state[node] = _compose(node.name, local, state[deps[0]])
+            flow = state[deps[0]]
+            chain = modules[node.target].bound_chain() if hasattr(modules[node.target], "bound_chain") \
+                else [("", modules[node.target])]
+            for suffix, m in chain:
+                where = f"{node.target}.{suffix}" if suffix else node.target
+                local, why = _local_of_module(m, shape_of(deps[0]))
+                layers.append(LayerEntry(where, type(m).__name__, local))
+                if why:
+                    flag(where, why)
+                flow = _compose(f"{node.name}.{suffix}" if suffix else node.name, local, flow)
+            state[node] = flow
             continue
         target = node.target
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
@@ -359,11 +401,12 @@ def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> Model
         elif target in (operator.add, operator.sub, torch.add, torch.sub, "add", "sub"):
             state[node] = _sum([state[a] for a in tensor_args])
         elif target in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
-            others = [a for a in node.args if a not in tensor_args]
-            if len(tensor_args) != 1 or not all(isinstance(o, (int, float)) for o in others):
-                flag(node.name, f"{name}: only multiplication by a constant number is bounded")
+            others = [_constant(gm, a) for a in node.args if a not in tensor_args]
+            if len(tensor_args) != 1 or len(others) != 1 or others[0] is None:
+                flag(node.name, f"{name}: only multiplication by a constant is bounded")
                 state[node] = _NONE
             else:
+                # elementwise scaling by a constant c: Lipschitz max |c| (max |1/c| for a division)
                 c = others[0]
                 if target in (operator.truediv, torch.div, "div"):
                     if node.args[0] is not tensor_args[0]:
@@ -371,7 +414,10 @@ def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> Model
                         state[node] = _NONE
                         continue
                     c = 1.0 / c
-                state[node] = _scale(c, state[tensor_args[0]])
+                state[node] = _scale(float(c.max()), state[tensor_args[0]])
+        elif target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") \
+                == "constant":
+            state[node] = state[deps[0]]  # constant padding: an isometric embedding plus a constant
         elif target in (operator.neg, torch.neg, "neg"):
             state[node] = state[deps[0]]
         elif target in (torch.cat, torch.concat):

@@ -40,7 +40,7 @@ def _folded_conv(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchN
               padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
     w = conv.weight.double()
     if isinstance(conv, SpectralNormConv):
-        w = w / conv.sn_sigma.double()
+        w = w * conv._sn_factor(conv.sn_sigma.double()).double()
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
     a, b = _bn_affine(bn)
     shape = (-1,) + (1,) * (w.dim() - 1)

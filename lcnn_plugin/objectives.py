@@ -5,7 +5,8 @@ value of each term), and every coefficient is a constructor argument:
 
 ==================  =========================================================================
 ``standard``        cross-entropy
-``lcnn``            CE + λ_β Σᵢ βᵢ + λ_γ Σ_k |log γ_k| (every CenteredSoftplus, every γ-BN)
+``lcnn``            CE + λ_β Σᵢ βᵢ + λ_γ Σ_k |log γ_k| (every CenteredSoftplus, every γ-BN and
+                    every learnable spectral-norm scale of a converted model)
 ``gradreg``         CE + λ_g · s_g · ‖∇ₓ CE_mean‖² / B  (double backprop; s_g = 1e5)
 ``lcnn+gradreg``    both
 ``cure``            CE + λ_c · s_c · ‖∇ℓ(x + h z) − ∇ℓ(x)‖² / B, z = sign(g)/‖sign(g)‖ per
@@ -114,7 +115,7 @@ class Objective:
                 loss = loss + pen
                 terms["beta"] = float(pen.detach())
         if self.lambda_gamma > 0:
-            logs = [m.log_gamma.abs() for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)]
+            logs = [p.abs() for _, p in _log_scales(model)]
             if logs:
                 pen = self.lambda_gamma * torch.stack(logs).sum()
                 loss = loss + pen
@@ -158,17 +159,27 @@ def make_objective(name: str, **overrides: float | int | bool) -> Objective:
     return Objective(name=name, **{**_DEFAULTS[name], **overrides})
 
 
-def _no_decay_names(model: nn.Module) -> Iterator[str]:
+def _log_scales(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, log γ) of every γ-BN and (name, log c) of every spectral norm's learnable scale
+    c (see :func:`lcnn_plugin.convert`'s preserve_function): the terms of λ_γ Σ|log γ|."""
     for mod_name, m in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(m, LipschitzBatchNorm2d):
+            yield prefix + "log_gamma", m.log_gamma
+        if isinstance(getattr(m, "sn_log_scale", None), nn.Parameter):
+            yield prefix + "sn_log_scale", m.sn_log_scale
+
+
+def _no_decay_names(model: nn.Module) -> Iterator[str]:
+    for mod_name, m in model.named_modules():
         if isinstance(m, CenteredSoftplus) and isinstance(m.log_beta, nn.Parameter):
-            yield prefix + "log_beta"
-        if isinstance(m, LipschitzBatchNorm2d) and isinstance(m.log_gamma, nn.Parameter):
-            yield prefix + "log_gamma"
+            yield (f"{mod_name}." if mod_name else "") + "log_beta"
+    yield from (n for n, p in _log_scales(model) if isinstance(p, nn.Parameter))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimiser groups: every parameter with ``weight_decay`` except β and γ (none)."""
+    """Optimiser groups: every parameter with ``weight_decay`` except β, γ and the spectral-norm
+    scales (none)."""
     skip = set(_no_decay_names(model))
     decay = [p for n, p in model.named_parameters() if n not in skip]
     no_decay = [p for n, p in model.named_parameters() if n in skip]

@@ -6,7 +6,8 @@ composes them into bounds of a whole model.
 """
 
 from .activation import CenteredSoftplus, centered_softplus, shifted_softplus
-from .norm import LipschitzBatchNorm2d
+from .input_sn import InputSpectralNorm
+from .norm import LipschitzBatchNorm2d, LipschitzBatchNormAct2d
 from .spectral import (
     ConvOperator,
     SNConv1d,
@@ -22,7 +23,9 @@ from .spectral import (
 __all__ = [
     "CenteredSoftplus",
     "ConvOperator",
+    "InputSpectralNorm",
     "LipschitzBatchNorm2d",
+    "LipschitzBatchNormAct2d",
     "SNConv1d",
     "SNConv2d",
     "SNConv3d",

@@ -67,8 +67,10 @@ class LipschitzBatchNorm2d(nn.BatchNorm2d):
         return inv_std.amax()
 
     def lipschitz_scale(self) -> torch.Tensor:
-        """min(1, γ / L_bn): the factor applied to the BatchNorm output."""
-        return torch.clamp(self.gamma / self.bn_lipschitz(), max=1.0)
+        """min(1, γ / L_bn) = γ / max(L_bn, γ): the factor applied to the BatchNorm output
+        (written so that L_bn = 0, e.g. a zero-initialised affine weight, gives 1, not 0·∞)."""
+        gamma = self.gamma
+        return gamma / torch.maximum(self.bn_lipschitz(), gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -88,3 +90,23 @@ class LipschitzBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={float(self.gamma.detach()):.4g}"
+
+
+class LipschitzBatchNormAct2d(LipschitzBatchNorm2d):
+    """γ-Lipschitz BatchNorm followed by ``drop`` and ``act`` (the layout of timm's
+    BatchNormAct2d, same state_dict keys plus ``log_gamma``); what :func:`lcnn_plugin.convert`
+    turns a BatchNormAct2d into. ``lipschitz()``/``curvature_bound()`` are the BatchNorm's;
+    :func:`lcnn_plugin.model_bound` composes ``bound_chain()`` (BN, drop, act)."""
+
+    def __init__(self, num_features: int, act: nn.Module | None = None, drop: nn.Module | None = None,
+                 **kwargs) -> None:  # noqa: ANN003
+        super().__init__(num_features, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+    def bound_chain(self) -> list[tuple[str, nn.Module]]:
+        """The parts in the order they are applied (the first is this BatchNorm itself)."""
+        return [("", self), ("drop", self.drop), ("act", self.act)]

@@ -22,7 +22,7 @@ the host, so there is no host-device synchronisation.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,21 @@ class _SpectralNormBase:
         w = self.weight
         self.register_buffer("sn_v", torch.zeros(0, dtype=w.dtype, device=w.device))
         self.register_buffer("sn_sigma", torch.ones((), dtype=w.dtype, device=w.device))
+        self.register_parameter("sn_log_scale", None)
+
+    def enable_scale(self, scale: float | torch.Tensor) -> None:
+        """Apply c·W/σ with a learnable c (stored as ``sn_log_scale``), e.g. c = σ to keep a
+        pretrained layer's function; the LCNN objective pulls log c toward 0."""
+        log_c = torch.as_tensor(scale, dtype=self.weight.dtype).log().to(self.weight.device)
+        self.sn_log_scale = nn.Parameter(log_c.detach().clone())
+
+    def _sn_factor(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c/σ, the factor the layer applies to its weight (c = 1 without a scale; σ ≥ 1e-12, so
+        a zero weight stays zero instead of NaN)."""
+        sigma = sigma.clamp_min(_EPS)
+        if self.sn_log_scale is None:
+            return 1.0 / sigma
+        return self.sn_log_scale.exp() / sigma
 
     def _random_unit(self, shape: Sequence[int]) -> torch.Tensor:
         w = self.weight
@@ -181,11 +196,14 @@ class _SpectralNormBase:
         return sigma
 
     def normalized_weight(self) -> torch.Tensor:
-        """The weight the layer applies: W / σ (σ as the layer would use it now)."""
-        return self.weight / self.sn_sigma
+        """The weight the layer applies in eval: c·W/σ with the frozen σ."""
+        return self.weight * self._sn_factor(self.sn_sigma)
 
     def _load_sn_state(self, state_dict: dict, prefix: str) -> None:
-        """Accept a saved ``sn_v`` of any spatial size (re-shape the buffer to it)."""
+        """Accept a saved ``sn_v`` of any spatial size (re-shape the buffer to it) and a saved
+        ``sn_log_scale`` (create the parameter to receive it)."""
+        if prefix + "sn_log_scale" in state_dict and self.sn_log_scale is None:
+            self.enable_scale(1.0)
         key = prefix + "sn_v"
         if key in state_dict:
             saved = state_dict[key]
@@ -238,7 +256,7 @@ class SpectralNormConv(_SpectralNormBase):
             self.reset_power_iteration(x.shape[2:])
         op = self._operator(x.shape[2:])
         sigma = self._sn_sigma_for_forward(lambda v: op.power_iteration(v, 1))
-        return self._conv_forward(x, self.weight / sigma, self.bias)
+        return self._conv_forward(x, self.weight * self._sn_factor(sigma), self.bias)
 
     def operator_norm(
         self,
@@ -265,9 +283,9 @@ class SpectralNormConv(_SpectralNormBase):
         return None
 
     def lipschitz(self) -> float:
-        """Eval-mode Lipschitz constant ‖A‖₂/σ_frozen on the stored input shape."""
+        """Eval-mode Lipschitz constant c·‖A‖₂/σ_frozen on the stored input shape."""
         sigma, _, _ = self.operator_norm()
-        return sigma / float(self.sn_sigma)
+        return sigma * float(self._sn_factor(self.sn_sigma).detach())
 
     def curvature_bound(self) -> float:
         return 0.0
@@ -296,12 +314,17 @@ def conv_operator_norm(
     if v0 is None:
         gen = torch.Generator(device="cpu").manual_seed(0)
         v0 = torch.randn(1, conv.in_channels, *op.spatial, generator=gen, dtype=torch.float64)
-    v = v0.detach().to(device=w.device, dtype=torch.float64)
+    return gram_operator_norm(lambda t: op.adjoint(op.forward(t, w), w),
+                              v0.detach().to(device=w.device, dtype=torch.float64), tol, max_iter)
 
-    def gram(t: torch.Tensor) -> torch.Tensor:
-        return op.adjoint(op.forward(t, w), w)
 
-    used, lam_prev = 0, None
+def gram_operator_norm(
+    gram: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, tol: float, max_iter: int
+) -> tuple[float, int, bool]:
+    """‖A‖₂ from its Gram operator AᵀA by restarted Lanczos (cycles of 64 steps, each
+    restarted from the last Ritz vector) until λ = σ² changes by at most ``tol`` (relative)
+    or ``max_iter`` applications. Returns (σ, applications of AᵀA, converged)."""
+    v, used, lam_prev = v0, 0, None
     with torch.no_grad():
         while used < max_iter:
             res = lanczos_extreme(gram, v, max_steps=min(64, max_iter - used), tol=tol)
@@ -381,12 +404,12 @@ class SNLinear(_SpectralNormBase, nn.Linear):
             self.reset_power_iteration()
         w = self.weight
         sigma = self._sn_sigma_for_forward(lambda v: _normalize(w.t() @ (w @ v)))
-        return F.linear(x, self.weight / sigma, self.bias)
+        return F.linear(x, self.weight * self._sn_factor(sigma), self.bias)
 
     def lipschitz(self) -> float:
-        """Eval-mode Lipschitz constant: exact ‖W‖₂ (SVD) over the frozen σ."""
+        """Eval-mode Lipschitz constant: c·exact ‖W‖₂ (SVD) over the frozen σ."""
         w = self.weight.detach().double()
-        return float(torch.linalg.matrix_norm(w, ord=2)) / float(self.sn_sigma)
+        return float(torch.linalg.matrix_norm(w, ord=2)) * float(self._sn_factor(self.sn_sigma).detach())
 
     def curvature_bound(self) -> float:
         return 0.0

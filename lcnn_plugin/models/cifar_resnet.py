@@ -36,16 +36,17 @@ class OptionABlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()  # modules, so that lcnn_plugin.convert sees them
         self.pad = (cout - cin) // 2
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         short = x
         if self.stride != 1 or self.pad:
             short = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
-        return F.relu(out + short)
+        return self.act2(out + short)
 
 
 class CifarResNet(nn.Module):
@@ -64,6 +65,7 @@ class CifarResNet(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
+        self.act1 = nn.ReLU()
         stages, cin = [], 16
         for i, width in enumerate((16, 32, 64)):
             stride = 2 if i else 1
@@ -78,7 +80,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
+        x = self.act1(self.bn1(self.conv1((x - self.mean) / self.std)))
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

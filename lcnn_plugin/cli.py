@@ -49,7 +49,7 @@ _CONFIG_FLAGS = {  # CLI option -> TrainConfig field
     "download": "download", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
     "momentum": "momentum", "weight_decay": "weight_decay", "seed": "seed",
     "checkpoint_every": "checkpoint_every", "max_train_examples": "max_train_examples",
-    "eval_examples": "eval_examples",
+    "eval_examples": "eval_examples", "convert": "convert",
 }
 _OBJECTIVE_FLAGS = ("lambda_beta", "lambda_gamma", "lambda_grad", "lambda_cure", "adv_eps", "adv_step",
                     "adv_steps", "use_predicted")
@@ -72,6 +72,9 @@ def _train(args: argparse.Namespace) -> int:
     obj_kwargs = {k: getattr(args, k) for k in _OBJECTIVE_FLAGS if getattr(args, k) is not None}
     if args.no_augment:
         given["augment"] = False
+    if args.pretrained_file:
+        given["model_kwargs"] = dict(given.get("model_kwargs", {}), pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=args.pretrained_file))
     if args.resume:
         if given or obj_kwargs:
             flags = ", ".join("--" + k.replace("_", "-") for k in [*given, *obj_kwargs])
@@ -162,6 +165,24 @@ def _robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    model = _load_model(args.model, args.num_classes, args.pretrained_file)
+    size = args.input_size or model.pretrained_cfg["input_size"]
+    x = torch.rand(args.examples, *size, generator=torch.Generator().manual_seed(0))
+    if args.data:
+        from .data import load_dataset
+
+        x = load_dataset(args.data, "test", args.data_root).floats(slice(0, args.examples))[0]
+    _, report = convert(model, beta=args.beta, gamma=args.gamma, spectral_norm=not args.no_spectral_norm,
+                        lipschitz_bn=not args.no_lipschitz_bn, preserve_function=args.preserve_function,
+                        exclude=[p for p in args.exclude.split(",") if p], strict=args.strict,
+                        max_pool=args.max_pool, bound=not args.no_bound, example_input=x)
+    print(json.dumps(report.as_dict()) if args.json else report)
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run
 
@@ -204,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="timm model name (lcnn_resnet10_w16_cifar)")
     t.add_argument("--model-kwargs", type=_json_object,
                    help='timm.create_model arguments as JSON, e.g. \'{"img_size": 32}\'')
+    t.add_argument("--pretrained-file", help="start from these weights (timm's pretrained_cfg_overlay file)")
+    t.add_argument("--convert", type=_json_object,
+                   help='convert the model first (lcnn_plugin.convert settings as JSON, e.g. '
+                        '\'{"preserve_function": true}\'; {} for the defaults)')
     t.add_argument("--objective", help="standard, lcnn, gradreg, lcnn+gradreg (default), cure, adversarial, "
                                        "softplus+wd")
     t.add_argument("--data", help="synthetic (default), cifar10, cifar100, svhn, or an ImageFolder path")
@@ -255,6 +280,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=250, help="examples per batch (250)")
     r.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
     r.set_defaults(func=_robustness)
+
+    v = sub.add_parser("convert", help="retrofit a timm model into an LCNN and report what changed",
+                       description="Convert a timm model (lcnn_plugin.convert) and print the report: every "
+                                   "change, every module left as is with the reason, the agreement with the "
+                                   "original (--preserve-function) and the data-free bounds. To fine-tune "
+                                   "the converted model, use `lcnn train --convert JSON`.")
+    v.add_argument("model", help="a timm model name")
+    v.add_argument("--num-classes", type=int, default=10, help="classifier outputs (10)")
+    v.add_argument("--pretrained-file", default=None, help="weights file for the model")
+    v.add_argument("--input-size", type=_parse_size, default=None,
+                   help="C,H,W of the example input (default: the model's pretrained_cfg input_size)")
+    v.add_argument("--data", default=None,
+                   help="take the example input from this dataset's test split (default: uniform noise)")
+    v.add_argument("--data-root", default="./data", help="root of the torchvision datasets (./data)")
+    v.add_argument("--examples", type=int, default=8, help="example inputs (8)")
+    v.add_argument("--beta", type=float, default=None, help="initial β (5; 1000 with --preserve-function)")
+    v.add_argument("--gamma", type=float, default=10.0, help="initial γ of the γ-Lipschitz BatchNorms (10)")
+    v.add_argument("--preserve-function", action="store_true", help="keep a pretrained model's outputs")
+    v.add_argument("--exclude", default="", help="comma-separated module path patterns to leave as they are")
+    v.add_argument("--strict", action="store_true", help="fail if any module would stay uncontrolled")
+    v.add_argument("--max-pool", default="keep", choices=("keep", "avg"), help="replace max-pooling (keep)")
+    v.add_argument("--no-spectral-norm", action="store_true", help="leave convs and linears as they are")
+    v.add_argument("--no-lipschitz-bn", action="store_true", help="leave BatchNorms as they are")
+    v.add_argument("--no-bound", action="store_true", help="skip the data-free bounds")
+    v.add_argument("--json", action="store_true", help="print JSON instead of text")
+    v.set_defaults(func=_convert)
 
     m = sub.add_parser("models", help="list the registered timm models")
     m.add_argument("--filter", default="lcnn_*", help="timm name pattern (default lcnn_*)")

@@ -1,6 +1,8 @@
 """Training with the paper's objectives: schedule, metrics, atomic checkpoints, exact resume, DDP.
 
-``train(TrainConfig(...), out_dir)`` trains ``config.model`` (any timm name) with
+``train(TrainConfig(...), out_dir)`` trains ``config.model`` (any timm name, optionally
+converted by :func:`lcnn_plugin.convert` with the settings in ``config.convert``: fine-tuning
+a retrofitted pretrained model) with
 ``config.objective`` (see :mod:`lcnn_plugin.objectives`) on ``config.data`` (see
 :mod:`lcnn_plugin.data`), SGD with momentum and the paper's step schedule (×0.1 at 75% and
 87.5% of the epochs), weight decay on everything except β and γ. Inputs are [0, 1] pixels
@@ -76,6 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
     max_train_examples: int | None = None  # a seeded random subset of this size
     eval_examples: int | None = 2000  # test examples evaluated after each epoch (None: all)
+    convert: dict[str, Any] | None = None  # lcnn_plugin.convert settings applied to the created model
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -89,9 +92,16 @@ class TrainConfig:
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         make_objective(self.objective, **self.objective_kwargs)  # raises on a bad objective
+        if self.convert is not None:
+            allowed = {"beta", "spectral_norm", "lipschitz_bn", "gamma", "preserve_function", "exclude",
+                       "strict", "max_pool", "power_iterations"}
+            if not isinstance(self.convert, dict) or set(self.convert) - allowed:
+                raise ValueError(f"convert must be a dict of lcnn_plugin.convert settings {sorted(allowed)}, "
+                                 f"got {self.convert!r}")
 
     def milestones(self) -> list[int]:
-        return [int(0.75 * self.epochs), int(0.875 * self.epochs)]
+        """Epochs after which the learning rate drops ×0.1 (none at epoch 0: a 1-epoch run keeps lr)."""
+        return [m for m in (int(0.75 * self.epochs), int(0.875 * self.epochs)) if m > 0]
 
 
 @dataclass
@@ -101,15 +111,25 @@ class TrainResult:
     out_dir: Path
 
 
-def build_model(config: TrainConfig) -> nn.Module:
+def build_model(config: TrainConfig, pretrained: bool = True) -> nn.Module:
+    """The run's model: ``timm.create_model(model, **model_kwargs)``, then ``convert`` if set.
+    ``pretrained=False`` skips loading pretrained weights (a checkpoint replaces them all)."""
     import timm
 
     from . import models  # noqa: F401  (registers the LCNN models)
+    from .convert import convert
 
+    kwargs = dict(config.model_kwargs)
+    if not pretrained:
+        kwargs.pop("pretrained", None)
+        kwargs.pop("pretrained_cfg_overlay", None)
     try:
-        return timm.create_model(config.model, **config.model_kwargs)
+        model = timm.create_model(config.model, **kwargs)
     except RuntimeError as e:  # timm: "Unknown model"
         raise ValueError(f"model: {e}") from e
+    if config.convert is not None:
+        model, _ = convert(model, bound=False, **config.convert)
+    return model
 
 
 def _sha256(path: Path) -> str:
@@ -147,7 +167,7 @@ def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, dict]:
     """The trained model of a run directory (eval mode) and the checkpoint's metadata."""
     meta, tensors = _read_checkpoint(Path(out_dir))
     config = TrainConfig(**meta["config"])
-    model = build_model(config)
+    model = build_model(config, pretrained=False)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model.eval(), meta
@@ -247,7 +267,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
 
     torch.manual_seed(config.seed)
-    model = build_model(config).to(dev)
+    model = build_model(config, pretrained=meta is None).to(dev)
     objective = objective_saved = make_objective(config.objective, **config.objective_kwargs)
     opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.milestones(), gamma=0.1)

@@ -29,6 +29,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="ImageFolder of test images for the robustness suite (default: random images "
                          "labelled by the model's own prediction)")
     group.addoption("--bench-examples", type=int, default=64, help="examples of the robustness suite (64)")
+    group.addoption("--bench-convert-models", default="resnet18,cifar_resnet20",
+                    help="comma-separated timm models of the convert/strip suite (resnet18,cifar_resnet20)")
     group.addoption("--bench-eps", default="0.0078431,0.0156863,0.0313725",
                     help="comma-separated L-inf ε of the robustness suite (2/255, 4/255, 8/255)")
 

@@ -1,14 +1,17 @@
-"""First robustness table on real data: the pretrained CIFAR-10 ResNets under PGD, and two
-small models trained here (standard and LCNN+GradReg ResNet-10/w16).
+"""First robustness table on real data: the pretrained CIFAR-10 ResNets under PGD, the
+ResNet-20 converted into an LCNN (lcnn_plugin.convert, preserve_function) and the same after a
+short fine-tune with the LCNN+GradReg objective, with the curvature of each model.
 
     python benchmarks/robustness_table.py --pretrained ../shared/data/pretrained \
-        --data ../shared/data/cifar10_test1000_png --train-data ../shared/data/cifar10 \
+        --data ../shared/data/cifar10_test1000_png --finetune-data ../shared/data/cifar10 \
         --out benchmarks/results/cifar10_robustness
 
 PGD L2 at ε ∈ {0.05, 0.1, 0.15, 0.2} and PGD L∞ at 8/255 (10 steps, α = 2.5ε/10), on the
-first ``--n`` images of an ImageFolder, with the honesty checks. With ``--train-data`` the
-two small models are trained first (``--train-examples`` images, ``--epochs`` epochs, runs
-under OUT_runs/). Writes OUT.json and OUT.md.
+first ``--n`` images of an ImageFolder, with the honesty checks; gradient norm, Hessian norm
+and normalised curvature (Lanczos) on the first ``--curvature-n`` of them. With
+``--finetune-data`` the converted ResNet-20 is fine-tuned (``--steps`` SGD steps of batch 128 at
+lr ``--lr``: 4 epochs over a random subset of steps/4 batches, lr ×0.1 twice in the last epoch;
+run directory under OUT_runs/). Writes OUT.json and OUT.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 from torchvision import datasets, transforms
 
 import lcnn_plugin  # noqa: F401
+from lcnn_plugin import convert
+from lcnn_plugin.curvature import report as curvature_report
 from lcnn_plugin.robustness import evaluate
 from lcnn_plugin.train import TrainConfig, train
 
@@ -37,10 +42,13 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--n", type=int, default=1000, help="number of test images (1000)")
     p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--train-data", default=None,
-                   help="ImageFolder with train/ and test/ sub-folders: train the two small models on it")
-    p.add_argument("--train-examples", type=int, default=10_000, help="training images of the small models")
-    p.add_argument("--epochs", type=int, default=5, help="epochs of the small models (5)")
+    p.add_argument("--finetune-data", default=None,
+                   help="ImageFolder with train/ and test/ sub-folders: fine-tune the converted "
+                        "ResNet-20 on it")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (300)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (0.01)")
+    p.add_argument("--objective", default="lcnn+gradreg", help="fine-tuning objective (lcnn+gradreg)")
+    p.add_argument("--curvature-n", type=int, default=200, help="images whose curvature is measured (200)")
     args = p.parse_args()
     ds = datasets.ImageFolder(args.data, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(args.n, len(ds)))),
@@ -53,17 +61,24 @@ def main() -> None:
         overlay = dict(file=str(path))
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
         models[f"{name} (pretrained {file})"] = model
-    if args.train_data:
-        for label, (arch, objective) in {"standard": ("lcnn_standard_resnet10_w16_cifar", "standard"),
-                                         "lcnn+gradreg": ("lcnn_resnet10_w16_cifar", "lcnn+gradreg")}.items():
-            cfg = TrainConfig(model=arch, objective=objective, data=args.train_data, epochs=args.epochs,
-                              max_train_examples=args.train_examples, eval_examples=1000)
-            t0 = time.perf_counter()
-            run = train(cfg, f"{args.out}_runs/{label}")
-            secs = time.perf_counter() - t0
-            desc = (f"{arch} ({objective}; trained here, {args.epochs} epochs on {args.train_examples} "
-                    f"images, {secs:.0f} s)")
-            models[desc] = run.model
+    overlay = dict(file=str(Path(args.pretrained) / CHECKPOINTS["cifar_resnet20"]))
+    converted, _ = convert(models[next(iter(models))], example_input=next(iter(loader))[0][:8],
+                                preserve_function=True, bound=False)
+    models["cifar_resnet20 converted (lcnn_plugin.convert, preserve_function; no fine-tuning)"] = converted
+    if args.finetune_data:
+        batch = 128
+        cfg = TrainConfig(model="cifar_resnet20",
+                          model_kwargs=dict(pretrained=True, pretrained_cfg_overlay=overlay),
+                          convert=dict(preserve_function=True), objective=args.objective,
+                          data=args.finetune_data,
+                          epochs=4, batch_size=batch, lr=args.lr, max_train_examples=args.steps // 4 * batch,
+                          eval_examples=1000)
+        t0 = time.perf_counter()
+        run = train(cfg, f"{args.out}_runs/finetune")
+        secs = time.perf_counter() - t0
+        desc = (f"cifar_resnet20 converted + fine-tuned ({args.objective}, {args.steps} steps of {batch} "
+                f"at lr {args.lr}, {secs:.0f} s)")
+        models[desc] = run.model
     results, md = [], []
     for name, model in models.items():
         model.eval()
@@ -72,8 +87,11 @@ def main() -> None:
         res = evaluate(model, loader, ["pgdl2", "pgd"], {"L2": [0.05, 0.1, 0.15, 0.2], "Linf": [8 / 255]},
                        model_name=name.split(" ")[0], dataset=dataset)
         secs = time.perf_counter() - t0
-        results.append(dict(res.as_dict(), description=name, seconds=secs))
-        md += [f"## {name}", "", str(res), "", f"(evaluated in {secs:.0f} s on this machine)", ""]
+        curv = curvature_report(model, loader, max_examples=args.curvature_n, progress=False)
+        results.append(dict(res.as_dict(), description=name, seconds=secs, curvature=curv.stats,
+                            curvature_n=curv.n))
+        md += [f"## {name}", "", str(res), "", f"(evaluated in {secs:.0f} s on this machine)", "",
+               "```", str(curv), "```", ""]
     cmd = "python " + " ".join(sys.argv)
     Path(args.out + ".json").write_text(json.dumps(dict(command=cmd, results=results), indent=1))
     title = "# Robustness on CIFAR-10 test images"

@@ -40,7 +40,7 @@ import copy
 import fnmatch
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,7 +222,7 @@ def _kept_reason(m: nn.Module, opts: dict[str, Any]) -> tuple[str, str] | None:
 
 @dataclass
 class _Plan:
-    convert: dict[str, tuple[str, Callable[[nn.Module], nn.Module] | None]]  # path -> (kind, factory)
+    convert: dict[str, str]  # path -> kind of conversion
     kept: list[Kept]
     excluded: list[str]
 
@@ -233,7 +233,7 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 def _make_plan(model: nn.Module, opts: dict[str, Any], exclude: Sequence[str],
                allow_converted: bool) -> _Plan:
-    convert: dict[str, tuple[str, Any]] = {}
+    convert: dict[str, str] = {}
     kept: list[Kept] = []
     excluded: list[str] = []
     opaque: list[str] = []  # modules whose insides are not converted (attention, excluded, ours)
@@ -255,17 +255,17 @@ def _make_plan(model: nn.Module, opts: dict[str, Any], exclude: Sequence[str],
             continue
         t = type(m)
         if isinstance(m, ACTIVATIONS):
-            convert[path] = ("activation", None)
+            convert[path] = "activation"
         elif opts["lipschitz_bn"] and t is nn.BatchNorm2d and m.track_running_stats:
-            convert[path] = ("batchnorm", None)
+            convert[path] = "batchnorm"
         elif opts["lipschitz_bn"] and t.__name__ == "BatchNormAct2d" and m.running_var is not None:
-            convert[path] = ("batchnorm", None)
+            convert[path] = "batchnorm"
         elif opts["spectral_norm"] and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) \
                 and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-            convert[path] = ("linear" if isinstance(m, nn.Linear) else "conv", None)
+            convert[path] = "linear" if isinstance(m, nn.Linear) else "conv"
         elif opts["max_pool"] == "avg" and t is nn.MaxPool2d and m.dilation in (1, (1, 1)) \
                 and not m.return_indices:
-            convert[path] = ("pooling", None)
+            convert[path] = "pooling"
         else:
             reason = _kept_reason(m, opts)
             if reason is not None:
@@ -497,7 +497,7 @@ def convert(
     done: dict[int, nn.Module] = {}
     # children first: a BatchNormAct2d takes its (already converted) act with it
     for path in sorted(plan.convert, key=lambda p: -p.count(".") if p else 1):
-        kind, _ = plan.convert[path]
+        kind = plan.convert[path]
         old = target.get_submodule(path) if path else target
         if id(old) in done:
             continue

@@ -308,3 +308,27 @@ def test_max_pool_avg_gives_a_finite_curvature_bound() -> None:
     assert keep.bound.lipschitz is not None and keep.bound.curvature is None
     assert avg.bound.curvature is not None and math.isfinite(avg.bound.curvature)
     assert ("maxpool", "pooling") in {(c.path, c.kind) for c in avg.changes}
+
+
+def test_cli_convert_and_finetuning_a_converted_model(tmp_path, capsys) -> None:
+    import json
+
+    from lcnn_plugin.cli import main
+    from lcnn_plugin.train import TrainConfig, load_checkpoint, train
+
+    assert main(["convert", "resnet10t", "--input-size", "3,32,32", "--no-bound", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["counts"]["converted"] == {"conv": 14, "batchnorm": 14, "activation": 11, "linear": 1}
+    assert main(["convert", "resnet10t", "--strict"]) == 2  # the max-pool stays: strict refuses
+    assert "maxpool" in capsys.readouterr().err
+    cfg = TrainConfig(model="cifar_resnet20", convert=dict(preserve_function=True), objective="lcnn", epochs=1,
+                      batch_size=16, max_train_examples=32, eval_examples=16)
+    run = train(cfg, tmp_path / "run", progress=False)
+    model, meta = load_checkpoint(tmp_path / "run")
+    assert meta["config"]["convert"] == {"preserve_function": True}
+    assert any(isinstance(m, SNConv2d) and m.sn_log_scale is not None for m in model.modules())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), run.model.eval()(x))
+    with pytest.raises(ValueError, match="convert must be a dict"):
+        TrainConfig(convert=dict(inplace=True)).validate()

@@ -5,7 +5,7 @@ converted by :func:`lcnn_plugin.convert` with the settings in ``config.convert``
 a retrofitted pretrained model) with
 ``config.objective`` (see :mod:`lcnn_plugin.objectives`) on ``config.data`` (see
 :mod:`lcnn_plugin.data`), SGD with momentum and the paper's step schedule (×0.1 at 75% and
-87.5% of the epochs), weight decay on everything except β and γ. Inputs are [0, 1] pixels
+87.5% of the epochs), weight decay on everything except β, γ (and SN scales). Inputs are [0, 1] pixels
 with RandomCrop(pad 4) + flip.
 
 Run directory ``out_dir``:

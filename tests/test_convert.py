@@ -321,8 +321,8 @@ def test_cli_convert_and_finetuning_a_converted_model(tmp_path, capsys) -> None:
     assert out["counts"]["converted"] == {"conv": 14, "batchnorm": 14, "activation": 11, "linear": 1}
     assert main(["convert", "resnet10t", "--strict"]) == 2  # the max-pool stays: strict refuses
     assert "maxpool" in capsys.readouterr().err
-    cfg = TrainConfig(model="cifar_resnet20", convert=dict(preserve_function=True), objective="lcnn", epochs=1,
-                      batch_size=16, max_train_examples=32, eval_examples=16)
+    cfg = TrainConfig(model="cifar_resnet20", convert=dict(preserve_function=True), objective="lcnn",
+                      epochs=1, batch_size=16, max_train_examples=32, eval_examples=16)
     run = train(cfg, tmp_path / "run", progress=False)
     model, meta = load_checkpoint(tmp_path / "run")
     assert meta["config"]["convert"] == {"preserve_function": True}

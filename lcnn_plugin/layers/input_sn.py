@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from .spectral import _EPS, _normalize, gram_operator_norm, layer_name
+from .spectral import _EPS, _normalize, gram_operator_norm, layer_name, sn_factor
 
 
 def linear_map(module: nn.Module, v: torch.Tensor) -> torch.Tensor:
@@ -114,11 +114,8 @@ class InputSpectralNorm:
         return _normalize(adjoint_map(module, v, linear_map(module, v)) + _EPS * v)
 
     def factor(self, module: nn.Module, sigma: torch.Tensor) -> torch.Tensor:
-        """c/σ (c = 1 without a scale; σ ≥ 1e-12, so a zero layer stays zero instead of NaN)."""
-        sigma = sigma.clamp_min(_EPS)
-        if module.sn_log_scale is None:
-            return 1.0 / sigma
-        return module.sn_log_scale.exp() / sigma
+        """c/σ (see :func:`~lcnn_plugin.layers.spectral.sn_factor`)."""
+        return sn_factor(module.sn_log_scale, sigma)
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]

@@ -53,6 +53,13 @@ def _normalize(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm().clamp_min(_EPS)
 
 
+def sn_factor(log_scale: torch.Tensor | None, sigma: torch.Tensor) -> torch.Tensor:
+    """c/σ with c = exp(log_scale) (1 without a scale); σ ≥ 1e-12, so a zero layer stays zero
+    instead of NaN."""
+    sigma = sigma.clamp_min(_EPS)
+    return 1.0 / sigma if log_scale is None else log_scale.exp() / sigma
+
+
 class ConvOperator:
     """The bias-free linear map of a ``nn.ConvNd`` on inputs of a given spatial shape.
 
@@ -168,12 +175,8 @@ class _SpectralNormBase:
         self.sn_log_scale = nn.Parameter(log_c.detach().clone())
 
     def _sn_factor(self, sigma: torch.Tensor) -> torch.Tensor:
-        """c/σ, the factor the layer applies to its weight (c = 1 without a scale; σ ≥ 1e-12, so
-        a zero weight stays zero instead of NaN)."""
-        sigma = sigma.clamp_min(_EPS)
-        if self.sn_log_scale is None:
-            return 1.0 / sigma
-        return self.sn_log_scale.exp() / sigma
+        """c/σ, the factor the layer applies to its weight (see :func:`sn_factor`)."""
+        return sn_factor(self.sn_log_scale, sigma)
 
     def _random_unit(self, shape: Sequence[int]) -> torch.Tensor:
         w = self.weight

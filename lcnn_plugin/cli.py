@@ -169,12 +169,13 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     model = _load_model(args.model, args.num_classes, args.pretrained_file)
-    size = args.input_size or model.pretrained_cfg["input_size"]
-    x = torch.rand(args.examples, *size, generator=torch.Generator().manual_seed(0))
     if args.data:
         from .data import load_dataset
 
         x = load_dataset(args.data, "test", args.data_root).floats(slice(0, args.examples))[0]
+    else:
+        size = args.input_size or model.pretrained_cfg["input_size"]
+        x = torch.rand(args.examples, *size, generator=torch.Generator().manual_seed(0))
     _, report = convert(model, beta=args.beta, gamma=args.gamma, spectral_norm=not args.no_spectral_norm,
                         lipschitz_bn=not args.no_lipschitz_bn, preserve_function=args.preserve_function,
                         exclude=[p for p in args.exclude.split(",") if p], strict=args.strict,

@@ -52,7 +52,7 @@ from .bound import ModelBound, grouped, model_bound
 from .layers.activation import CenteredSoftplus
 from .layers.input_sn import InputSpectralNorm
 from .layers.norm import LipschitzBatchNorm2d, LipschitzBatchNormAct2d
-from .layers.spectral import SNConv1d, SNConv2d, SNConv3d, SNLinear, _SpectralNormBase
+from .layers.spectral import SNConv1d, SNConv2d, SNConv3d, SNLinear, _SpectralNormBase, enable_sn_scale
 
 __all__ = ["ConversionError", "ConversionReport", "PRESERVE_BETA", "convert", "strip"]
 
@@ -517,15 +517,11 @@ def convert(
     try:
         with torch.no_grad():
             target(example_input)  # every spectral norm sees its input shape
-            if preserve_function:
+            if preserve_function:  # c = σ: each layer applies its original weight again
                 for m in _sn_layers(target):
-                    if isinstance(m, _SpectralNormBase) and m.sn_log_scale is None:
-                        m.enable_scale(m.sn_sigma)
-                    elif not isinstance(m, _SpectralNormBase) and m.sn_log_scale is None:
-                        InputSpectralNorm.enable_scale(m, m.sn_sigma)
-            out = _logits(target(example_input))
-        if preserve_function:
-            report.agreement = _agreement(reference, out)
+                    if m.sn_log_scale is None:
+                        enable_sn_scale(m, m.sn_sigma)
+                report.agreement = _agreement(reference, _logits(target(example_input)))
     finally:
         target.train(was_training)
     if bound:

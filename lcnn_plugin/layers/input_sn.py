@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from .spectral import _EPS, _normalize, gram_operator_norm, layer_name, sn_factor
+from .spectral import _EPS, _normalize, enable_sn_scale, gram_operator_norm, layer_name, sn_factor
 
 
 def linear_map(module: nn.Module, v: torch.Tensor) -> torch.Tensor:
@@ -72,12 +72,7 @@ class InputSpectralNorm:
         """The hook on ``module``, or None."""
         return next((h for h in module._forward_pre_hooks.values() if isinstance(h, InputSpectralNorm)), None)
 
-    @staticmethod
-    def enable_scale(module: nn.Module, scale: float | torch.Tensor) -> None:
-        """Apply f(c·x/σ) with a learnable c (``sn_log_scale``), e.g. c = σ to keep the function."""
-        w = module.weight
-        log_c = torch.as_tensor(scale, dtype=w.dtype).log().to(w.device)
-        module.sn_log_scale = nn.Parameter(log_c.detach().clone())
+    enable_scale = staticmethod(enable_sn_scale)  # f(c·x/σ) with a learnable c (``sn_log_scale``)
 
     def remove(self, module: nn.Module) -> None:
         """Take the normalisation off ``module`` (its state buffers and scale too)."""

@@ -53,6 +53,14 @@ def _normalize(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm().clamp_min(_EPS)
 
 
+def enable_sn_scale(module: nn.Module, scale: float | torch.Tensor) -> None:
+    """Give a spectrally normalised layer a learnable scale c (``sn_log_scale``, init ``scale``),
+    e.g. c = σ to keep a pretrained layer's function; the LCNN objective pulls log c toward 0."""
+    w = module.weight
+    log_c = torch.as_tensor(scale, dtype=w.dtype).log().to(w.device)
+    module.sn_log_scale = nn.Parameter(log_c.detach().clone())
+
+
 def sn_factor(log_scale: torch.Tensor | None, sigma: torch.Tensor) -> torch.Tensor:
     """c/σ with c = exp(log_scale) (1 without a scale); σ ≥ 1e-12, so a zero layer stays zero
     instead of NaN."""
@@ -169,10 +177,8 @@ class _SpectralNormBase:
         self.register_parameter("sn_log_scale", None)
 
     def enable_scale(self, scale: float | torch.Tensor) -> None:
-        """Apply c·W/σ with a learnable c (stored as ``sn_log_scale``), e.g. c = σ to keep a
-        pretrained layer's function; the LCNN objective pulls log c toward 0."""
-        log_c = torch.as_tensor(scale, dtype=self.weight.dtype).log().to(self.weight.device)
-        self.sn_log_scale = nn.Parameter(log_c.detach().clone())
+        """Apply c·W/σ with a learnable c (see :func:`enable_sn_scale`)."""
+        enable_sn_scale(self, scale)
 
     def _sn_factor(self, sigma: torch.Tensor) -> torch.Tensor:
         """c/σ, the factor the layer applies to its weight (see :func:`sn_factor`)."""

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .layers.input_sn import InputSpectralNorm
-from .layers.spectral import conv_operator_norm
+from .layers.spectral import InputSpectralNorm, conv_operator_norm
 
 
 class UnboundedError(ValueError):
@@ -197,15 +196,16 @@ _REASONS = {
 
 
 def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | None]:
+    in_shape = tuple(shape[1:])  # per example: the layers' constants are for this input shape
     hook = InputSpectralNorm.of(m)
     if hook is not None:
         try:
-            return Local(hook.lipschitz(m), 0.0, 0.0), None
+            return Local(hook.lipschitz(m, in_shape), 0.0, 0.0), None
         except ValueError as e:
             return Local(None, None, None), str(e)
     if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound"):
         norm_fn = getattr(m, "normalized_curvature_bound", None)
-        return Local(float(m.lipschitz()), float(m.curvature_bound()),
+        return Local(float(m.lipschitz(in_shape)), float(m.curvature_bound(in_shape)),
                      float(norm_fn()) if norm_fn else 0.0), None
     res = _torch_module_local(m, shape)
     if isinstance(res, str):

@@ -50,9 +50,18 @@ from torch.overrides import TorchFunctionMode
 
 from .bound import ModelBound, grouped, model_bound
 from .layers.activation import CenteredSoftplus
-from .layers.input_sn import InputSpectralNorm
 from .layers.norm import LipschitzBatchNorm2d, LipschitzBatchNormAct2d
-from .layers.spectral import SNConv1d, SNConv2d, SNConv3d, SNLinear, _SpectralNormBase, enable_sn_scale
+from .layers.spectral import (
+    InputSpectralNorm,
+    SNConv1d,
+    SNConv2d,
+    SNConv3d,
+    SNLinear,
+    SpectralNorm,
+    enable_sn_scale,
+    is_spectrally_normalized,
+    spectral_input_shapes,
+)
 
 __all__ = ["ConversionError", "ConversionReport", "PRESERVE_BETA", "convert", "strip"]
 
@@ -93,7 +102,7 @@ _NORMS: tuple[type, ...] = (
 
 _ATTENTION: tuple[type, ...] = (nn.MultiheadAttention,)
 _SN_CLASSES = {nn.Conv1d: SNConv1d, nn.Conv2d: SNConv2d, nn.Conv3d: SNConv3d}
-_LCNN_LAYERS = (CenteredSoftplus, LipschitzBatchNorm2d, _SpectralNormBase)
+_LCNN_LAYERS = (CenteredSoftplus, LipschitzBatchNorm2d)
 
 # functional nonlinearities recorded during the example forward (by function name)
 _FUNCTIONAL = {
@@ -176,7 +185,7 @@ class ConversionReport:
 # --- planning ------------------------------------------------------------------------------
 
 def _is_converted(m: nn.Module) -> bool:
-    return isinstance(m, _LCNN_LAYERS) or InputSpectralNorm.of(m) is not None
+    return isinstance(m, _LCNN_LAYERS) or is_spectrally_normalized(m)
 
 
 def _kept_reason(m: nn.Module, opts: dict[str, Any]) -> tuple[str, str] | None:
@@ -343,26 +352,23 @@ def _new_bn(old: nn.Module, gamma: float, preserve: bool) -> LipschitzBatchNorm2
     return new
 
 
-def _new_sn(old: nn.Module, n_iter: int) -> nn.Module:
+def _new_sn(old: nn.Module) -> nn.Module:
     t = type(old)
     if t is nn.Linear:
         new = SNLinear(old.in_features, old.out_features, bias=old.bias is not None,
-                       n_power_iterations_init=n_iter, device=old.weight.device, dtype=old.weight.dtype)
+                       device=old.weight.device, dtype=old.weight.dtype)
     elif t in _SN_CLASSES:
         new = _SN_CLASSES[t](
             old.in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
             dilation=old.dilation, groups=old.groups, bias=old.bias is not None,
-            padding_mode=old.padding_mode, n_power_iterations_init=n_iter,
-            device=old.weight.device, dtype=old.weight.dtype)
+            padding_mode=old.padding_mode, device=old.weight.device, dtype=old.weight.dtype)
     else:  # a subclass with its own forward: normalise its input, keep the layer
-        InputSpectralNorm.apply(old, n_iter)
+        InputSpectralNorm.apply(old)
         return old
     with torch.no_grad():
         new.weight.copy_(old.weight)
         if old.bias is not None:
             new.bias.copy_(old.bias)
-    if isinstance(new, SNLinear):
-        new.reset_power_iteration()
     return new
 
 
@@ -380,7 +386,7 @@ def _new_module(kind: str, old: nn.Module, opts: dict[str, Any]) -> tuple[nn.Mod
     if kind == "pooling":
         return nn.AvgPool2d(old.kernel_size, old.stride, old.padding, ceil_mode=old.ceil_mode,
                             count_include_pad=False), "not function-preserving"
-    return _new_sn(old, opts["power_iterations"]), ""
+    return _new_sn(old), ""
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -388,8 +394,14 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def _sn_layers(model: nn.Module) -> Iterable[nn.Module]:
-    return (m for m in model.modules() if isinstance(m, _SpectralNormBase) or InputSpectralNorm.of(m))
+def _settle_spectral_norms(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
+    """One eval forward on the example; each spectrally normalised layer's input shape there
+    becomes its trained shape (σ and v converged, see :meth:`SpectralNorm.reset`). Returns
+    the layers."""
+    shapes = spectral_input_shapes(model, example_input)
+    for m, shape in shapes.items():
+        SpectralNorm.of(m).reset(m, shape)
+    return [m for m in model.modules() if is_spectrally_normalized(m)]
 
 
 # --- the public functions -------------------------------------------------------------------
@@ -419,7 +431,6 @@ def convert(
     max_pool: str = "keep",
     inplace: bool = False,
     bound: bool = True,
-    power_iterations: int = 100,
     allow_converted: bool = False,
 ) -> tuple[nn.Module, ConversionReport]:
     """Convert ``model`` into an LCNN; returns (converted model, :class:`ConversionReport`).
@@ -438,12 +449,12 @@ def convert(
             uncontrolled, before changing anything.
         example_input: a batch in the model's input space; default: 4 uniform [0, 1] images of
             ``pretrained_cfg['input_size']``. Runs the forward that finds functional
-            nonlinearities, sets the spectral norms' input shapes and measures agreement.
+            nonlinearities, sets the spectral norms' trained input shapes (σ converged there)
+            and measures agreement.
         max_pool: "keep" or "avg" (replace ``nn.MaxPool2d`` by average pooling).
         inplace: convert ``model`` itself instead of a deep copy.
         bound: compute the data-free bounds (:func:`lcnn_plugin.model_bound`) at the example's
             input size (float64 operator norms: seconds to minutes for large models).
-        power_iterations: power-iteration steps of each spectral norm at its first input shape.
         allow_converted: leave layers that are already LCNN layers alone and convert the rest
             (e.g. a new classifier after ``reset_classifier``); otherwise an already converted
             model raises :class:`ConversionError`.
@@ -458,15 +469,13 @@ def convert(
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    if not (isinstance(power_iterations, int) and power_iterations >= 1):
-        raise ValueError(f"power_iterations must be an integer >= 1, got {power_iterations!r}")
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     if example_input is None:
         example_input = _default_input(model)
     elif not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ValueError("example_input must be a batched tensor (N, ...) in the model's input space")
     opts = dict(beta=float(beta), spectral_norm=spectral_norm, lipschitz_bn=lipschitz_bn, gamma=float(gamma),
-                preserve_function=preserve_function, max_pool=max_pool, power_iterations=power_iterations)
+                preserve_function=preserve_function, max_pool=max_pool)
     report_settings = dict(opts, exclude=exclude)
     opts["device"] = example_input.device
 
@@ -516,9 +525,9 @@ def convert(
     target.eval()
     try:
         with torch.no_grad():
-            target(example_input)  # every spectral norm sees its input shape
+            sn_layers = _settle_spectral_norms(target, example_input)
             if preserve_function:  # c = σ: each layer applies its original weight again
-                for m in _sn_layers(target):
+                for m in sn_layers:
                     if m.sn_log_scale is None:
                         enable_sn_scale(m, m.sn_sigma)
                 report.agreement = _agreement(reference, _logits(target(example_input)))
@@ -560,12 +569,12 @@ def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
     for path, m in list(target.named_modules(remove_duplicate=False)):
         if id(m) in replaced:
             new = replaced[id(m)]
-        elif isinstance(m, _SpectralNormBase):
-            new = _strip_sn(m)
         elif isinstance(m, LipschitzBatchNorm2d):
             new = _strip_bn(m)
         elif InputSpectralNorm.of(m) is not None:
             new = _strip_input_sn(m)
+        elif is_spectrally_normalized(m):
+            new = _strip_sn(m)
         else:
             continue
         replaced[id(m)] = new
@@ -585,7 +594,7 @@ def _strip_sn(m: nn.Module) -> nn.Module:
                   dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
     new.to(device=m.weight.device, dtype=m.weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(m.weight.double() * m._sn_factor(m.sn_sigma.double()).double())
+        new.weight.copy_(m.weight.double() * SpectralNorm.of(m).eval_factor(m).double())
         if m.bias is not None:
             new.bias.copy_(m.bias)
     return new.train(m.training)
@@ -629,7 +638,7 @@ class _InputScale:
 def _strip_input_sn(m: nn.Module) -> nn.Module:
     hook = InputSpectralNorm.of(m)
     with torch.no_grad():
-        k = hook.factor(m, m.sn_sigma)
+        k = SpectralNorm.of(m).eval_factor(m)
     hook.remove(m)
     # weight standardisation (timm StdConv2d, ScaledStdConv2d) is scale invariant: scaling the
     # weight would do nothing, so the constant scale stays on the input

@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from .layers.norm import LipschitzBatchNorm2d
-from .layers.spectral import SpectralNormConv
+from .layers.spectral import SpectralNorm, spectral_input_shapes
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,14 +33,16 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch
     return a, b
 
 
-def _folded_conv(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+def _folded_conv(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm,
+                 shape: tuple[int, ...] | None) -> nn.Module:
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(conv.kernel_size)]
     new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
               padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
               padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
     w = conv.weight.double()
-    if isinstance(conv, SpectralNormConv):
-        w = w * conv._sn_factor(conv.sn_sigma.double()).double()
+    engine = SpectralNorm.of(conv)
+    if engine is not None:  # c/σ as eval applies it on this input shape (default: the trained one)
+        w = w * engine.eval_factor(conv, shape).double()
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
     a, b = _bn_affine(bn)
     shape = (-1,) + (1,) * (w.dim() - 1)
@@ -54,8 +56,8 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
 
     A pair is folded when the BatchNorm's only input is the output of a (plain or spectrally
     normalised) 1d/2d/3d convolution that nothing else uses. ``example_input`` (optional):
-    one eval forward is run on the original first, so that spectral norms settle their
-    state for that input shape. The model is traced with torch.fx (raises if it cannot be);
+    one eval forward on it finds each spectral norm's input shape, whose eval σ is folded
+    (without it: the trained shape's). The model is traced with torch.fx (raises if it cannot be);
     the original is not modified. The copy's parameters do not require grad.
     """
     from .bound import _Tracer
@@ -65,15 +67,17 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
     was_training = model.training
     model.eval()
     try:
+        shapes = {}
         if example_input is not None:
             with torch.no_grad():
-                model(example_input)
+                shapes = spectral_input_shapes(model, example_input)
         try:
             graph = _Tracer().trace(model)
         except Exception as e:  # noqa: BLE001 - reported with the model's name
             name = type(model).__name__
             raise ValueError(f"fold_batchnorm: {name} cannot be traced by torch.fx ({e})") from e
-        gm = copy.deepcopy(torch.fx.GraphModule(model, graph))
+        # deep-copied together, so that the shapes stay keyed by the copy's modules
+        gm, shapes = copy.deepcopy((torch.fx.GraphModule(model, graph), shapes))
     finally:
         model.train(was_training)
     gm.eval()
@@ -92,7 +96,7 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
                 continue
             parent, _, name = src.target.rpartition(".")
             owner = gm.get_submodule(parent) if parent else gm
-            setattr(owner, name, _folded_conv(conv, modules[node.target]))
+            setattr(owner, name, _folded_conv(conv, modules[node.target], shapes.get(conv)))
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
     gm.graph.lint()

@@ -94,7 +94,7 @@ class TrainConfig:
         make_objective(self.objective, **self.objective_kwargs)  # raises on a bad objective
         if self.convert is not None:
             allowed = {"beta", "spectral_norm", "lipschitz_bn", "gamma", "preserve_function", "exclude",
-                       "strict", "max_pool", "power_iterations"}
+                       "strict", "max_pool"}
             if not isinstance(self.convert, dict) or set(self.convert) - allowed:
                 raise ValueError(f"convert must be a dict of lcnn_plugin.convert settings {sorted(allowed)}, "
                                  f"got {self.convert!r}")

@@ -61,23 +61,27 @@ def exact_operator_norm(conv: nn.Module, spatial) -> float:
 def test_conv2d_operator_norm_is_exact(case):
     cin, cout, k, s, p, d, g, mode, spatial = case
     conv = SNConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode).double()
+    shape = (cin, *spatial)
     exact = exact_operator_norm(conv, spatial)
-    sigma, _, converged = conv.operator_norm(spatial)
+    sigma, _, converged = conv.operator_norm(shape)
     assert converged
-    assert abs(sigma - exact) <= 1e-3 * exact, (sigma, exact)
-    # the layer's own state: 15 power iterations at init never over-estimate,
+    assert abs(sigma - exact) <= 1e-6 * exact, (sigma, exact)
+    # eval on a shape never trained: σ converged for that shape, nothing written to the state
     x = torch.randn(2, cin, *spatial, dtype=torch.float64)
     conv.eval()
     y = conv(x)
-    assert conv.sn_sigma.item() <= exact * (1 + 1e-9)
-    # and what it applies is exactly the convolution with W / sigma
+    assert conv.sn_v.numel() == 0
+    w = conv.normalized_weight(shape)
+    used = (conv.weight.norm() / w.norm()).item()
+    assert used <= exact * (1 + 1e-9) and used >= exact * (1 - 1e-4)
+    # what it applies is exactly the convolution with W / σ
     ref = nn.functional.conv2d(
         nn.functional.pad(x, conv._reversed_padding_repeated_twice,
                           mode="constant" if mode == "zeros" else mode),
-        conv.weight / conv.sn_sigma, conv.bias, s, 0, d, g)
+        w, conv.bias, s, 0, d, g)
     torch.testing.assert_close(y, ref)
-    # after normalisation the layer's Lipschitz constant is ||A|| / sigma
-    assert abs(conv.lipschitz() - exact / conv.sn_sigma.item()) <= 1e-6 * exact
+    # after normalisation the layer's Lipschitz constant is ||A|| / σ
+    assert abs(conv.lipschitz(shape) - exact / used) <= 1e-6 * exact
 
 
 @pytest.mark.parametrize("cls,cin,k,s,p,mode,spatial", [
@@ -91,24 +95,25 @@ def test_conv1d_conv3d_operator_norm_is_exact(cls, cin, k, s, p, mode, spatial):
     x = torch.zeros(1, cin, *spatial, dtype=torch.float64)
     jac = torch.func.jacrev(lambda t: conv._conv_forward(t, conv.weight, None))(x)
     exact = torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), ord=2).item()
-    sigma, _, converged = conv.operator_norm(spatial)
-    assert converged and abs(sigma - exact) <= 1e-3 * exact
+    sigma, _, converged = conv.operator_norm((cin, *spatial))
+    assert converged and abs(sigma - exact) <= 1e-6 * exact
 
 
-def test_training_power_iteration_converges_to_the_exact_norm():
+def test_training_converges_at_once_then_tracks_from_below():
     conv = SNConv2d(4, 6, 3, stride=2, padding=1).double()
     spatial = (9, 7)
     exact = exact_operator_norm(conv, spatial)
     x = torch.randn(2, 4, *spatial, dtype=torch.float64)
     conv.train()
-    prev = 0.0
     with torch.no_grad():
-        for _ in range(300):
+        conv(x)  # a new shape: σ converged before the first warm step
+        assert exact * (1 - 1e-4) <= conv.sn_sigma.item() <= exact * (1 + 1e-9)
+        prev = 0.0
+        for _ in range(20):
             conv(x)
             sigma = conv.sn_sigma.item()
             assert sigma >= prev - 1e-12 and sigma <= exact * (1 + 1e-9)  # monotone, from below
             prev = sigma
-    assert abs(sigma - exact) <= 1e-3 * exact
 
 
 def test_torch_reshaped_spectral_norm_underestimates():
@@ -123,50 +128,60 @@ def test_torch_reshaped_spectral_norm_underestimates():
     assert min(ratios) > 1.2, ratios
 
 
-def test_eval_is_frozen_and_training_updates():
+def test_eval_writes_nothing_and_training_updates():
     conv = SNConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 8, 8)
     conv.eval()
+    y = conv(x)
+    assert conv.sn_v.numel() == 0 and conv.sn_sigma.item() == 1.0  # no trained state yet
+    conv.train()
     conv(x)
     frozen = conv.sn_sigma.clone(), conv.sn_v.clone()
-    conv(x)
+    conv.eval()
+    conv(x), conv(torch.randn(1, 3, 5, 7))
     assert torch.equal(conv.sn_sigma, frozen[0]) and torch.equal(conv.sn_v, frozen[1])
+    torch.testing.assert_close(conv(x), y, rtol=1e-4, atol=1e-6)  # converged σ either way
     conv.train()
     conv(x)
     assert not torch.equal(conv.sn_v, frozen[1])
 
 
-def test_reinitialised_when_input_size_changes():
-    conv = SNConv2d(3, 4, 3, stride=2, padding=1).double()
-    conv.eval()
+def test_training_at_a_new_shape_moves_the_trained_state_eval_does_not():
+    conv = SNConv2d(3, 4, 3, stride=2, padding=1).double().train()
     conv(torch.randn(1, 3, 8, 8, dtype=torch.float64))
     assert conv.sn_v.shape == (1, 3, 8, 8)
-    conv(torch.randn(1, 3, 10, 6, dtype=torch.float64))
+    conv.eval()
+    x = torch.randn(1, 3, 10, 6, dtype=torch.float64)
+    y = conv(x)
+    assert conv.sn_v.shape == (1, 3, 8, 8)
+    exact = exact_operator_norm(conv, (10, 6))
+    used = (conv.weight.norm() / conv.normalized_weight((3, 10, 6)).norm()).item()
+    assert exact * (1 - 1e-4) <= used <= exact * (1 + 1e-9)
+    conv.train()
+    conv(x)
     assert conv.sn_v.shape == (1, 3, 10, 6)
-    assert conv.sn_sigma.item() <= exact_operator_norm(conv, (10, 6)) * (1 + 1e-9)
+    conv.eval()
+    torch.testing.assert_close(conv(x), y, rtol=1e-6, atol=1e-9)
 
 
 def test_gradient_flows_through_sigma():
-    """d(W/σ)/dW includes σ's dependence on W: compare with a finite difference."""
+    """d(W/σ)/dW includes σ = ‖A v‖'s dependence on W (v the forward's vector): against a
+    finite difference of that function written out here."""
     conv = SNConv2d(2, 3, 3, padding=1).double().train()
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
-        for _ in range(200):
-            conv(x)
-    conv.weight.grad = None
-    conv._sn_hold = True  # hold v so that the loss is a fixed function of W
     loss = conv(x).square().sum()
-    loss.backward()
-    d = torch.randn_like(conv.weight)
+    (g,) = torch.autograd.grad(loss, conv.weight)
+    v = conv.sn_v.detach().clone()  # the vector this forward used
+
+    def f(w: torch.Tensor) -> float:
+        sigma = nn.functional.conv2d(v, w, padding=1).norm()
+        return float(nn.functional.conv2d(x, w / sigma, conv.bias, padding=1).square().sum())
+
+    w0 = conv.weight.detach().clone()
+    d = torch.randn_like(w0)
     h = 1e-6
-    with torch.no_grad():
-        conv.weight += h * d
-        lp = conv(x).square().sum()
-        conv.weight -= 2 * h * d
-        lm = conv(x).square().sum()
-        conv.weight += h * d
-    fd = (lp - lm) / (2 * h)
-    assert abs(fd.item() - (conv.weight.grad * d).sum().item()) <= 1e-5 * abs(fd.item())
+    fd = (f(w0 + h * d) - f(w0 - h * d)) / (2 * h)
+    assert abs(fd - (g * d).sum().item()) <= 1e-5 * abs(fd)
 
 
 def test_state_dict_keeps_weight_and_frozen_state():
@@ -185,13 +200,11 @@ def test_state_dict_keeps_weight_and_frozen_state():
 def test_linear_spectral_norm():
     lin = SNLinear(7, 5).double()
     exact = torch.linalg.matrix_norm(lin.weight.detach(), ord=2).item()
-    assert lin.sn_sigma.item() <= exact * (1 + 1e-12)
     lin.train()
     with torch.no_grad():
-        for _ in range(100):
-            lin(torch.randn(3, 7, dtype=torch.float64))
-    assert abs(lin.sn_sigma.item() - exact) <= 1e-6 * exact
-    assert abs(lin.lipschitz() - exact / lin.sn_sigma.item()) <= 1e-12
+        lin(torch.randn(3, 7, dtype=torch.float64))
+    assert exact * (1 - 1e-4) <= lin.sn_sigma.item() <= exact * (1 + 1e-12)
+    assert abs(lin.lipschitz() - exact / lin.sn_sigma.item()) <= 1e-9
 
 
 def test_standalone_operator_norm_of_plain_conv():
@@ -209,5 +222,5 @@ def test_bad_input_names_the_layer():
         SNConv2d(3, 4, 3)(torch.randn(3, 8, 8))
     with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
         SNLinear(4, 2)(torch.randn(2, 5))
-    with pytest.raises(ValueError, match="n_power_iterations_init"):
-        SNConv2d(3, 4, 3, n_power_iterations_init=0)
+    with pytest.raises(ValueError, match="no input shape known yet"):
+        SNConv2d(3, 4, 3).lipschitz()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import linalg
 from ..fold import fold_batchnorm
 from . import eigen
 from .hvp import ENGINES, HVP, LossFn, per_example_cross_entropy, resolve_engine
@@ -181,10 +182,11 @@ def _measure_chunk(model, x, y, method, engine, loss_fn, tol, max_iter, k, gen):
         return op.apply(v.view_as(x)).reshape(B, d)
 
     v0 = torch.randn(B, d, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-    if method == "lanczos":
-        res = eigen.lanczos(hvp, v0, tol=1e-3 if tol is None else tol, max_iter=max_iter or 64)
-    elif method == "power":
-        res = eigen.power(hvp, v0, tol=1e-5 if tol is None else tol, max_iter=max_iter or 500)
+    if method in ("lanczos", "power"):
+        solve = linalg.lanczos if method == "lanczos" else linalg.power
+        default_tol, default_iter = (1e-3, 64) if method == "lanczos" else (1e-5, 500)
+        r = solve(hvp, v0, tol=default_tol if tol is None else tol, max_iter=max_iter or default_iter)
+        res = r.value, r.steps, r.converged, r.error
     elif method == "reference":
         res = eigen.reference(hvp, v0, k=k)
     else:

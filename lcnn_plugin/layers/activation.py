@@ -9,8 +9,10 @@ s0(0) = 0, s0' = sigmoid(βx) ∈ (0, 1) (1-Lipschitz), s0'' = β·σ(βx)(1 −
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.fx
 from torch import nn
 
 _LOG2 = math.log(2.0)
@@ -59,7 +61,8 @@ def shifted_softplus(z: torch.Tensor) -> torch.Tensor:
     """
     zd = z.detach()
     value = _value_exact(zd) if z.dtype == torch.float64 else _value_fast(zd.float()).to(z.dtype)
-    if not torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z):
+    if not (torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(z)):
         return value
     s = torch.sigmoid(zd)
     k = (1.0 - s).mul_(s).mul_(0.5)
@@ -70,6 +73,9 @@ def shifted_softplus(z: torch.Tensor) -> torch.Tensor:
 def centered_softplus(x: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
     """Functional centered softplus s0(x; β) = (softplus(βx) − log 2)/β."""
     return shifted_softplus(x * beta) / beta
+
+
+torch.fx.wrap("centered_softplus")  # one node under torch.fx (its body branches on dtype and grad mode)
 
 
 class CenteredSoftplus(nn.Module):
@@ -122,10 +128,10 @@ class CenteredSoftplus(nn.Module):
             return fused_centered_softplus(x, self.beta)
         return centered_softplus(x, self.beta.to(x.dtype))
 
-    def lipschitz(self) -> float:
+    def lipschitz(self, input_shape: Sequence[int] | None = None) -> float:
         return 1.0
 
-    def curvature_bound(self) -> float:
+    def curvature_bound(self, input_shape: Sequence[int] | None = None) -> float:
         return float(self.beta.detach()) / 4.0
 
     def normalized_curvature_bound(self) -> float:

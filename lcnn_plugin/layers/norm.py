@@ -12,11 +12,23 @@ the running statistics in training too (as the reference does); γ is learnable,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.fx
 from torch import nn
 
 from .spectral import layer_name
+
+
+def _check_bn_input(bn: nn.BatchNorm2d, x: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != bn.num_features:
+        raise ValueError(
+            f"{layer_name(bn)}: expected input of shape (N, {bn.num_features}, H, W), got {tuple(x.shape)}"
+        )
+
+
+torch.fx.wrap("_check_bn_input")  # one opaque call under torch.fx: no control flow on traced shapes
 
 
 class LipschitzBatchNorm2d(nn.BatchNorm2d):
@@ -72,20 +84,19 @@ class LipschitzBatchNorm2d(nn.BatchNorm2d):
         gamma = self.gamma
         return gamma / torch.maximum(self.bn_lipschitz(), gamma)
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        """Checked by :func:`_check_bn_input` instead (torch's check branches on a traced shape)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{layer_name(self)}: expected input of shape (N, {self.num_features}, H, W), "
-                f"got {tuple(x.shape)}"
-            )
+        _check_bn_input(self, x)
         return super().forward(x) * self.lipschitz_scale().to(x.dtype)
 
-    def lipschitz(self) -> float:
+    def lipschitz(self, input_shape: Sequence[int] | None = None) -> float:
         """Eval-mode Lipschitz constant min(γ, L_bn)."""
         with torch.no_grad():
             return float(torch.minimum(self.gamma, self.bn_lipschitz()))
 
-    def curvature_bound(self) -> float:
+    def curvature_bound(self, input_shape: Sequence[int] | None = None) -> float:
         return 0.0
 
     def extra_repr(self) -> str:

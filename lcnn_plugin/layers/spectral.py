@@ -3,34 +3,59 @@
 A convolution is a linear operator A on inputs of shape (C, *spatial). torch's
 ``spectral_norm`` normalises by the norm of the weight reshaped to a (C_out, C_in·k·k)
 matrix, which is not the norm of A (it under-estimates a random 3×3 conv by about 1.5×).
-Here σ = ‖A‖₂ is estimated by power iteration with A (the layer's own padding, stride,
-dilation and groups) and its exact adjoint Aᵀ, on the input shape the layer actually sees:
+Here σ = ‖A‖₂ on the input shape the layer actually sees, from A and its exact adjoint Aᵀ.
 
-- zeros padding: Aᵀ is conv_transpose (with the output_padding that gives back the input
-  size for every stride) followed by a crop;
-- circular, reflect, replicate padding: the padding is a gather, so its adjoint is a
-  scatter-add through the same index map. The operator norm is therefore exact, not a
-  bound, for every padding mode (the reflect/replicate pads are part of A).
+One engine, :class:`SpectralNorm`, serves every normalised layer through an operator
+(apply ``matvec`` and adjoint ``rmatvec`` on a batch of inputs of the layer's real shape):
 
-State: ``sn_v`` (the right singular vector, shape (1, C_in, *spatial), persistent so that a
-saved model evaluates identically) and ``sn_sigma`` (the σ used in eval). 15 iterations
-when the layer first sees an input shape (or a new one), then one warm-started iteration
-per training forward; eval uses the frozen σ. Nothing in forward reads a tensor value on
-the host, so there is no host-device synchronisation.
+- :class:`ConvOperator` for ``SNConv1d/2d/3d`` (any stride, dilation, groups, padding mode:
+  zeros padding's adjoint is a crop, circular/reflect/replicate padding's a scatter-add
+  through the same index map, so the norm is exact, not a bound);
+- :class:`MatrixOperator` for ``SNLinear``;
+- :class:`AffineOperator` for any affine layer f normalised on its input by
+  :class:`InputSpectralNorm` (A v = f(v) − f(0), Aᵀ by autograd).
+
+State, on the layer (the state_dict keys of every earlier version): ``sn_v`` (the right
+singular vector on the *trained* input shape), ``sn_sigma`` (the σ eval uses on that shape)
+and, with :func:`enable_sn_scale`, a learnable scale c (``sn_log_scale``); the layer applies
+c/σ. Semantics:
+
+- training: on a new input shape, σ is first computed to convergence (Lanczos on AᵀA, Ritz
+  residual ≤ 1e-4·σ²) and becomes the trained state; then every training forward takes one
+  warm-started power step v ← AᵀAv/‖AᵀAv‖ and uses σ = ‖Av‖, differentiable in the weights.
+  A training forward that runs inside a backward pass (gradient checkpointing's
+  recomputation) takes no step, so it sees the σ of the forward it recomputes.
+- eval: σ is frozen. On the trained shape it is the stored σ; on any other shape, σ computed
+  to convergence for that shape from the weights as they are at its first eval forward,
+  kept in a cache beside the state (never written to it) until the next training forward,
+  :meth:`~SpectralNorm.reset`, :meth:`~SpectralNorm.clear` or ``load_state_dict``. Eval
+  outputs therefore depend only on the state, the weights and the input, whatever else was
+  evaluated before; as with the stored σ, editing weights in eval does not move σ.
+
+Forwards have no data-dependent Python control flow: the shape logic lives in functions that
+torch.fx records as single calls (``torch.fx.wrap``), and torch.compile traces through.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .._lanczos import lanczos_extreme
+from .. import linalg
 
 _EPS = 1e-12
+INIT_TOL = 1e-4  # Ritz residual / σ² of a new shape's σ (σ within ~1e-4 relative)
+INIT_MAX_ITER = 1000  # operator applications allowed for it
+BOUND_TOL = 1e-6  # Ritz residual / σ² of the float64 norms behind lipschitz() and the bounds
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -49,10 +74,6 @@ def name_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def _normalize(t: torch.Tensor) -> torch.Tensor:
-    return t / t.norm().clamp_min(_EPS)
-
-
 def enable_sn_scale(module: nn.Module, scale: float | torch.Tensor) -> None:
     """Give a spectrally normalised layer a learnable scale c (``sn_log_scale``, init ``scale``),
     e.g. c = σ to keep a pretrained layer's function; the LCNN objective pulls log c toward 0."""
@@ -68,20 +89,34 @@ def sn_factor(log_scale: torch.Tensor | None, sigma: torch.Tensor) -> torch.Tens
     return 1.0 / sigma if log_scale is None else log_scale.exp() / sigma
 
 
-class ConvOperator:
-    """The bias-free linear map of a ``nn.ConvNd`` on inputs of a given spatial shape.
+# --- operators -------------------------------------------------------------------------------
 
-    ``forward(v)`` is exactly the layer without bias; ``adjoint(u)`` is its exact transpose.
+class Operator(Protocol):
+    """A linear map on batches of inputs of shape (B, *in_shape)."""
+
+    in_shape: tuple[int, ...]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor: ...
+
+
+class ConvOperator:
+    """The bias-free linear map of a ``nn.ConvNd`` on inputs of shape (C, *spatial).
+
+    ``matvec(v)`` is exactly the layer without bias (with ``weight``, default the layer's
+    own); ``rmatvec(u)`` is its exact transpose.
     """
 
-    def __init__(self, conv: nn.modules.conv._ConvNd, spatial: Sequence[int]) -> None:
+    def __init__(self, conv: nn.modules.conv._ConvNd, spatial: Sequence[int],
+                 weight: torch.Tensor | None = None) -> None:
         self.conv = conv
+        self.weight = weight
         self.nd = len(conv.kernel_size)
         self.spatial = tuple(int(s) for s in spatial)
         if len(self.spatial) != self.nd:
-            raise ValueError(
-                f"{layer_name(conv)}: expected {self.nd} spatial dims, got {self.spatial}"
-            )
+            raise ValueError(f"{layer_name(conv)}: expected {self.nd} spatial dims, got {self.spatial}")
+        self.in_shape = (conv.in_channels, *self.spatial)
         # F.pad order: last dim first, (left, right) pairs; the same the layer uses.
         self.pads = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
         self.mode = conv.padding_mode
@@ -104,6 +139,9 @@ class ConvOperator:
         self.out_spatial = tuple(out)
         self.output_padding = tuple(out_pad)
         self._index: torch.Tensor | None = None
+
+    def _w(self) -> torch.Tensor:
+        return self.conv.weight if self.weight is None else self.weight
 
     # -- padding and its adjoint -------------------------------------------------------
     def _pad(self, v: torch.Tensor) -> torch.Tensor:
@@ -135,294 +173,497 @@ class ConvOperator:
         return self._index
 
     # -- the operator ------------------------------------------------------------------
-    def forward(self, v: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        w = c.weight if weight is None else weight
-        return _CONV[self.nd](self._pad(v), w, None, c.stride, 0, c.dilation, c.groups)
+        return _CONV[self.nd](self._pad(v), self._w(), None, c.stride, 0, c.dilation, c.groups)
 
-    def adjoint(self, u: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        w = c.weight if weight is None else weight
-        y = _CONV_T[self.nd](
-            u, w, None, c.stride, 0, self.output_padding, c.groups, c.dilation
-        )
+        y = _CONV_T[self.nd](u, self._w(), None, c.stride, 0, self.output_padding, c.groups, c.dilation)
         return self._pad_adjoint(y)
 
-    def power_iteration(
-        self, v: torch.Tensor, n_iter: int, weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``n_iter`` steps of v ← AᵀAv/‖AᵀAv‖ (no grad). Returns the new unit v."""
+
+class MatrixOperator:
+    """x ↦ W x of a linear layer (rows of a batch (B, in_features))."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor | None = None) -> None:
+        self.linear = linear
+        self.weight = weight
+        self.in_shape = (linear.in_features,)
+
+    def _w(self) -> torch.Tensor:
+        return self.linear.weight if self.weight is None else self.weight
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return v @ self._w().t()
+
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        return u @ self._w()
+
+
+class AffineOperator:
+    """The linear part A v = f(v) − f(0) of an affine layer f (its own ``forward``, hooks
+    bypassed), with Aᵀu by autograd (A is constant, so any point serves)."""
+
+    def __init__(self, module: nn.Module, in_shape: Sequence[int]) -> None:
+        self.module = module
+        self.in_shape = tuple(int(s) for s in in_shape)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        out = self.module.forward(torch.cat([v, torch.zeros_like(v[:1])]))
+        return out[:-1] - out[-1:]
+
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            v = torch.zeros(u.shape[0], *self.in_shape, dtype=u.dtype, device=u.device, requires_grad=True)
+            (g,) = torch.autograd.grad(self.module.forward(v), v, u)
+        return g
+
+
+def _gram(op: Operator):  # noqa: ANN202
+    """v ↦ (AᵀA + εI)v: the shift keeps a power iteration alive while A = 0 (e.g. a
+    zero-initialised gain) and moves no eigenvector."""
+    return lambda v: op.rmatvec(op.matvec(v)) + _EPS * v
+
+
+def _seeded_start(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """The fixed unit start vector of every power iteration and Lanczos run (seed 0)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(1, *shape, generator=gen, dtype=torch.float64)
+    return linalg.unit(v).to(device=like.device, dtype=like.dtype)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _recomputing() -> bool:
+    """True when a forward runs inside a backward pass: gradient checkpointing's recomputation."""
+    if torch.compiler.is_compiling():  # compiled graphs recompute functionally
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+class SpectralNorm:
+    """The spectral-normalisation engine of one layer (see the module docstring).
+
+    ``kind``: ``"conv"`` (an ``nn.ConvNd`` normalising its weight), ``"linear"`` (an
+    ``nn.Linear`` normalising its weight) or ``"affine"`` (any affine layer, normalised on
+    its input by :class:`InputSpectralNorm`). Use :meth:`attach` to add it to a layer and
+    :meth:`of` to find it.
+    """
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("conv", "linear", "affine"):
+            raise ValueError(f"kind must be 'conv', 'linear' or 'affine', got {kind!r}")
+        self.kind = kind
+        self._ops: dict[tuple[int, ...], Operator] = {}
+        self._eval: dict[tuple, torch.Tensor] = {}  # eval σ of untrained shapes
+
+    # -- attaching ----------------------------------------------------------------------
+    @classmethod
+    def attach(cls, module: nn.Module, kind: str) -> SpectralNorm:
+        """Register the state (``sn_v``, ``sn_sigma``, ``sn_log_scale``) and the engine on ``module``."""
+        w = module.weight
+        engine = cls(kind)
+        module.register_buffer("sn_v", torch.zeros(0, dtype=w.dtype, device=w.device))
+        module.register_buffer("sn_sigma", torch.ones((), dtype=w.dtype, device=w.device))
+        module.register_parameter("sn_log_scale", None)
+        module.register_load_state_dict_pre_hook(_load_pre_hook)
+        object.__setattr__(module, "_sn_engine", engine)
+        return engine
+
+    @staticmethod
+    def of(module: nn.Module) -> SpectralNorm | None:
+        """The engine of ``module``, or None."""
+        return module.__dict__.get("_sn_engine")
+
+    def detach(self, module: nn.Module) -> None:
+        """Remove the engine and its state from ``module``."""
+        hooks = module._load_state_dict_pre_hooks
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _load_pre_hook]:
+            del hooks[key]
+        for name in ("sn_v", "sn_sigma", "sn_log_scale"):
+            delattr(module, name)
+        del module.__dict__["_sn_engine"]
+
+    # -- shapes and operators -----------------------------------------------------------
+    def input_shape(self, module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+        """The per-example input shape the operator acts on (a linear layer's norm does not
+        depend on the leading dimensions: it acts on each row alike)."""
+        if self.kind == "linear" or isinstance(module, nn.Linear):
+            return (x.shape[-1],)
+        return tuple(x.shape[1:])
+
+    def trained_shape(self, module: nn.Module) -> tuple[int, ...] | None:
+        """The input shape of the stored state (None before the first training forward)."""
+        v = module.sn_v
+        if v.numel() == 0:
+            return None
+        return tuple(v.shape) if self.kind == "linear" else tuple(v.shape[1:])
+
+    def operator(self, module: nn.Module, shape: Sequence[int], weight: torch.Tensor | None = None,
+                 ) -> Operator:
+        """The layer's operator on inputs of ``shape`` (cached per shape for the layer's own weight)."""
+        shape = tuple(shape)
+        if weight is None and shape in self._ops:
+            return self._ops[shape]
+        if self.kind == "conv":
+            if shape[0] != module.in_channels:
+                raise ValueError(f"{layer_name(module)}: input shape {shape} has not "
+                                 f"{module.in_channels} channels")
+            op = ConvOperator(module, shape[1:], weight)
+        elif self.kind == "linear":
+            op = MatrixOperator(module, weight)
+        else:
+            op = AffineOperator(module, shape)
+        if weight is None:
+            self._ops[shape] = op
+        return op
+
+    def _batched(self, module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+        return module.sn_v.view(1, *shape)
+
+    # -- σ ----------------------------------------------------------------------------------
+    def converged(self, module: nn.Module, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ = ‖A v‖, v) on inputs of ``shape`` with v the top right singular vector by
+        Lanczos to a Ritz residual ≤ :data:`INIT_TOL`·σ², in the layer's dtype (at least
+        float32). Writes nothing."""
+        shape = tuple(shape)
+        w = module.weight
+        low = w.dtype in (torch.float16, torch.bfloat16)
+        if self.kind == "affine":
+            target = copy.deepcopy(module).float() if low else module
+            op = AffineOperator(target, shape)
+        else:
+            op = self.operator(module, shape, w.detach().float() if low else None)
+        like = w.float() if low else w
+        v0 = _seeded_start(shape, like)
         with torch.no_grad():
-            for _ in range(n_iter):
-                v = _normalize(self.adjoint(self.forward(v, weight), weight))
-        return v
+            _, used, ok, v = linalg.operator_norm(_gram(op), v0, tol=INIT_TOL, max_iter=INIT_MAX_ITER)
+            if not ok:
+                warnings.warn(f"{layer_name(module)}: the spectral norm at input shape {shape} did not "
+                              f"converge in {used} iterations", RuntimeWarning, stacklevel=3)
+            v = v.to(w.dtype)
+            sigma = self.operator(module, shape).matvec(v).norm()
+        return sigma, v
+
+    def reset(self, module: nn.Module, shape: Sequence[int]) -> None:
+        """Make ``shape`` the trained shape, with σ and v converged (see :meth:`converged`)."""
+        shape = tuple(shape)
+        sigma, v = self.converged(module, shape)
+        with torch.no_grad():
+            module.sn_v = v.reshape(shape) if self.kind == "linear" else v
+            module.sn_sigma.copy_(sigma)
+        self._eval.clear()
+
+    def clear(self, module: nn.Module) -> None:
+        """Forget the trained state (e.g. after the weights are re-initialised)."""
+        if hasattr(module, "sn_v"):
+            module.sn_v = module.sn_v.new_zeros(0)
+            module.sn_sigma.fill_(1.0)
+        self._eval.clear()
+
+    def eval_sigma(self, module: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+        """The σ an eval forward uses on inputs of ``shape`` (see the module docstring)."""
+        shape = tuple(shape)
+        if self.trained_shape(module) == shape:
+            return module.sn_sigma
+        w = module.weight
+        key = (shape, w.device, w.dtype)
+        sigma = self._eval.get(key)
+        if sigma is None:
+            sigma = self._eval[key] = self.converged(module, shape)[0]
+        if sigma.is_inference() and not torch.is_inference_mode_enabled():
+            sigma = self._eval[key] = sigma.clone()  # usable by autograd outside inference mode
+        return sigma
+
+    def factor(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """c/σ for a forward on ``x``: one warm-started step in training, σ by shape in eval."""
+        shape = self.input_shape(module, x)
+        if not module.training:
+            return sn_factor(module.sn_log_scale, self.eval_sigma(module, shape))
+        if self.trained_shape(module) != shape:
+            self.reset(module, shape)
+        if self._eval:  # the weights move in training: eval recomputes σ of other shapes
+            self._eval.clear()
+        op = self.operator(module, shape)
+        v = self._batched(module, shape)
+        if not _recomputing():
+            # the affine adjoint runs autograd: its saved tensors are its own, not those of
+            # an enclosing non-reentrant checkpoint (whose recomputation takes no step)
+            own = torch.autograd.graph.saved_tensors_hooks(_same, _same) if self.kind == "affine" \
+                else contextlib.nullcontext()
+            with torch.no_grad(), own:
+                v.copy_(linalg.unit(_gram(op)(v)))
+        # a copy: a later training forward (CURE, attacks) steps sn_v in place, and this
+        # forward's graph must keep the v it used
+        sigma = op.matvec(v.clone()).norm()
+        with torch.no_grad():
+            module.sn_sigma.copy_(sigma)
+        return sn_factor(module.sn_log_scale, sigma)
+
+    def eval_factor(self, module: nn.Module, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """c/σ as eval applies it on inputs of ``shape`` (default: the trained shape)."""
+        return sn_factor(module.sn_log_scale, self.eval_sigma(module, self._shape_or_trained(module, shape)))
+
+    def _shape_or_trained(self, module: nn.Module, shape: Sequence[int] | None) -> tuple[int, ...]:
+        if shape is not None:
+            return tuple(int(s) for s in shape)
+        trained = self.trained_shape(module)
+        if trained is None and self.kind == "linear":
+            return (module.in_features,)
+        if trained is None:
+            raise ValueError(f"{layer_name(module)}: no input shape known yet; pass the input shape "
+                             "or run a training forward")
+        return trained
+
+    # -- bounds -----------------------------------------------------------------------------
+    def operator_norm(self, module: nn.Module, shape: Sequence[int] | None = None,
+                      tol: float = BOUND_TOL, max_iter: int = 2000) -> tuple[float, int, bool]:
+        """‖A‖₂ of the layer's raw operator (without c/σ) on inputs of ``shape``, in float64:
+        (σ, applications of AᵀA, converged). Krylov estimates approach σ from below."""
+        shape = self._shape_or_trained(module, shape)
+        if self.kind == "affine":
+            op = AffineOperator(copy.deepcopy(module).double(), shape)
+        else:
+            op = self.operator(module, shape, module.weight.detach().double())
+        if self.trained_shape(module) == shape:
+            v0 = self._batched(module, shape).detach().double()
+        else:
+            v0 = _seeded_start(shape, torch.empty((), dtype=torch.float64, device=module.weight.device))
+        with torch.no_grad():
+            sigma, used, ok, _ = linalg.operator_norm(_gram(op), v0, tol=tol, max_iter=max_iter)
+        return sigma, used, ok
+
+    def lipschitz(self, module: nn.Module, shape: Sequence[int] | None = None) -> float:
+        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``shape`` (default: trained)."""
+        shape = self._shape_or_trained(module, shape)
+        sigma, _, ok = self.operator_norm(module, shape)
+        if not ok:
+            raise ValueError(f"{layer_name(module)}: operator-norm estimate did not converge")
+        return sigma * float(self.eval_factor(module, shape).detach())
+
+    # -- state ------------------------------------------------------------------------------
+    def _compatible(self, module: nn.Module, saved: torch.Tensor) -> bool:
+        if self.kind == "conv":
+            return saved.dim() == 2 + len(module.kernel_size) and saved.shape[1] == module.in_channels
+        if self.kind == "linear":
+            return tuple(saved.shape) == (module.in_features,)
+        return saved.dim() >= 2 and saved.shape[0] == 1
+
+    def load(self, module: nn.Module, state_dict: dict, prefix: str) -> None:
+        """Accept a saved ``sn_v`` of any input shape (resize the buffer to it; one from another
+        layer shape, e.g. timm adapting the first conv to other in_chans, is dropped and
+        recomputed) and a saved ``sn_log_scale`` (create the parameter to receive it)."""
+        if prefix + "sn_log_scale" in state_dict and module.sn_log_scale is None:
+            enable_sn_scale(module, 1.0)
+        key = prefix + "sn_v"
+        saved = state_dict.get(key)
+        if saved is not None:
+            if saved.numel() and not self._compatible(module, saved):
+                state_dict[key] = torch.zeros(0, dtype=saved.dtype)
+                state_dict[prefix + "sn_sigma"] = torch.ones((), dtype=saved.dtype)
+                saved = state_dict[key]
+            module.sn_v = torch.empty_like(saved, device=module.sn_v.device, dtype=module.sn_v.dtype)
+        self._eval.clear()
 
 
-class _SpectralNormBase:
-    """Shared bookkeeping of the spectral-norm layers (mixed into nn.ConvNd / nn.Linear)."""
+def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
+    SpectralNorm.of(module).load(module, state_dict, prefix)
 
-    n_power_iterations_init: int = 15
-    _sn_hold: bool = False  # True: training forwards use sn_v without stepping it
 
-    def _init_sn_state(self, n_power_iterations_init: int) -> None:
-        if n_power_iterations_init < 1:
-            raise ValueError(
-                f"{type(self).__name__}: n_power_iterations_init must be >= 1, "
-                f"got {n_power_iterations_init}"
-            )
-        self.n_power_iterations_init = int(n_power_iterations_init)
-        w = self.weight
-        self.register_buffer("sn_v", torch.zeros(0, dtype=w.dtype, device=w.device))
-        self.register_buffer("sn_sigma", torch.ones((), dtype=w.dtype, device=w.device))
-        self.register_parameter("sn_log_scale", None)
+# --- what forwards call (single nodes under torch.fx) ----------------------------------------
+
+def _sn_factor(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """c/σ of ``module`` for a forward on ``x`` (see :meth:`SpectralNorm.factor`)."""
+    return module._sn_engine.factor(module, x)
+
+
+def _check_conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> None:
+    nd = len(module.kernel_size)
+    if x.dim() != nd + 2 or x.shape[1] != module.in_channels:
+        dims = ("L",) if nd == 1 else ("H", "W") if nd == 2 else ("D", "H", "W")
+        raise ValueError(
+            f"{layer_name(module)}: expected input of shape (N, {module.in_channels}, "
+            f"{', '.join(dims)}), got {tuple(x.shape)}"
+        )
+
+
+def _check_linear_input(module: nn.Linear, x: torch.Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] != module.in_features:
+        raise ValueError(
+            f"{layer_name(module)}: expected input of shape (..., {module.in_features}), got {tuple(x.shape)}"
+        )
+
+
+torch.fx.wrap("_sn_factor")
+torch.fx.wrap("_check_conv_input")
+torch.fx.wrap("_check_linear_input")
+
+
+# --- the layers ------------------------------------------------------------------------------
+
+class _SNLayer:
+    """What every spectrally normalised layer offers (mixed into nn.ConvNd / nn.Linear)."""
 
     def enable_scale(self, scale: float | torch.Tensor) -> None:
         """Apply c·W/σ with a learnable c (see :func:`enable_sn_scale`)."""
         enable_sn_scale(self, scale)
 
-    def _sn_factor(self, sigma: torch.Tensor) -> torch.Tensor:
-        """c/σ, the factor the layer applies to its weight (see :func:`sn_factor`)."""
-        return sn_factor(self.sn_log_scale, sigma)
+    def normalized_weight(self, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """The weight the layer applies in eval on inputs of ``input_shape`` (default: the
+        trained shape): c·W/σ."""
+        return self.weight * self._sn_engine.eval_factor(self, input_shape)
 
-    def _random_unit(self, shape: Sequence[int]) -> torch.Tensor:
-        w = self.weight
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        v = torch.randn(*shape, generator=gen, dtype=torch.float64)
-        return _normalize(v).to(device=w.device, dtype=w.dtype)
+    def operator_norm(self, input_shape: Sequence[int] | None = None, tol: float = BOUND_TOL,
+                      max_iter: int = 2000) -> tuple[float, int, bool]:
+        """‖A‖₂ of the raw weight on inputs of ``input_shape`` (per example, e.g. (C, H, W)),
+        float64 Lanczos: (σ, applications, converged)."""
+        return self._sn_engine.operator_norm(self, input_shape, tol, max_iter)
 
-    def _sn_sigma_for_forward(self, v_update) -> torch.Tensor:
-        """σ for this forward: one warm-started step with grad in training, frozen in eval."""
-        if not self.training:
-            return self.sn_sigma
-        if not self._sn_hold:
-            with torch.no_grad():
-                self.sn_v.copy_(v_update(self.sn_v.detach()))
-        # a copy: a later training forward (CURE, attacks) updates sn_v in place, and this
-        # forward's graph must keep the v it used
-        sigma = self._apply_operator(self.sn_v.clone()).norm()
-        with torch.no_grad():
-            self.sn_sigma.copy_(sigma)
-        return sigma
+    def lipschitz(self, input_shape: Sequence[int] | None = None) -> float:
+        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``input_shape``."""
+        return self._sn_engine.lipschitz(self, input_shape)
 
-    def normalized_weight(self) -> torch.Tensor:
-        """The weight the layer applies in eval: c·W/σ with the frozen σ."""
-        return self.weight * self._sn_factor(self.sn_sigma)
-
-    def _load_sn_state(self, state_dict: dict, prefix: str) -> None:
-        """Accept a saved ``sn_v`` of any spatial size (re-shape the buffer to it) and a saved
-        ``sn_log_scale`` (create the parameter to receive it)."""
-        if prefix + "sn_log_scale" in state_dict and self.sn_log_scale is None:
-            self.enable_scale(1.0)
-        key = prefix + "sn_v"
-        if key in state_dict:
-            saved = state_dict[key]
-            if saved.numel() and not self._sn_v_compatible(saved):
-                # e.g. timm adapting the first conv to another in_chans: recompute later.
-                state_dict[key] = torch.zeros(0, dtype=saved.dtype)
-                state_dict[prefix + "sn_sigma"] = torch.ones((), dtype=saved.dtype)
-                saved = state_dict[key]
-            self.sn_v = torch.empty_like(saved, device=self.sn_v.device, dtype=self.sn_v.dtype)
-
-
-class SpectralNormConv(_SpectralNormBase):
-    """Mixin: a ``nn.ConvNd`` whose applied weight is W/‖A‖₂ (see the module docstring)."""
-
-    def _sn_v_compatible(self, saved: torch.Tensor) -> bool:
-        return saved.dim() == 2 + len(self.kernel_size) and saved.shape[1] == self.in_channels
-
-    def _operator(self, spatial: Sequence[int]) -> ConvOperator:
-        op = getattr(self, "_sn_op", None)
-        if op is None or op.spatial != tuple(spatial):
-            op = ConvOperator(self, spatial)
-            object.__setattr__(self, "_sn_op", op)  # not a submodule, not state
-        return op
-
-    def _apply_operator(self, v: torch.Tensor) -> torch.Tensor:
-        return self._operator(v.shape[2:]).forward(v)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        nd = len(self.kernel_size)
-        if x.dim() != nd + 2 or x.shape[1] != self.in_channels:
-            dims = ("L",) if nd == 1 else ("H", "W") if nd == 2 else ("D", "H", "W")
-            raise ValueError(
-                f"{layer_name(self)}: expected input of shape (N, {self.in_channels}, "
-                f"{', '.join(dims)}), got {tuple(x.shape)}"
-            )
-
-    def reset_power_iteration(self, spatial: Sequence[int], n_iter: int | None = None) -> None:
-        """Start the power iteration afresh for inputs of this spatial shape."""
-        n_iter = self.n_power_iterations_init if n_iter is None else n_iter
-        op = self._operator(spatial)
-        v = self._random_unit((1, self.in_channels, *op.spatial))
-        v = op.power_iteration(v, n_iter)
-        with torch.no_grad():
-            self.sn_v = v
-            self.sn_sigma.copy_(op.forward(v).norm())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if tuple(self.sn_v.shape[2:]) != tuple(x.shape[2:]) or self.sn_v.dim() != x.dim():
-            self.reset_power_iteration(x.shape[2:])
-        op = self._operator(x.shape[2:])
-        sigma = self._sn_sigma_for_forward(lambda v: op.power_iteration(v, 1))
-        return self._conv_forward(x, self.weight * self._sn_factor(sigma), self.bias)
-
-    def operator_norm(
-        self,
-        spatial: Sequence[int] | None = None,
-        weight: torch.Tensor | None = None,
-        tol: float = 1e-10,
-        max_iter: int = 2000,
-    ) -> tuple[float, int, bool]:
-        """‖A‖₂ of the raw weight (or ``weight``), run to convergence (:func:`conv_operator_norm`).
-
-        Returns (σ, operator applications, converged); starts from ``sn_v`` when it has
-        this shape. Krylov estimates approach σ from below; ``tol`` is relative, on σ².
-        """
-        spatial = tuple(self.sn_v.shape[2:]) if spatial is None else tuple(spatial)
-        if not spatial:
-            raise ValueError(
-                f"{layer_name(self)}: no input shape known yet; pass spatial= or run a forward"
-            )
-        return conv_operator_norm(self, spatial, weight, tol, max_iter, self._warm_start(spatial))
-
-    def _warm_start(self, spatial: tuple) -> torch.Tensor | None:
-        if self.sn_v.numel() and tuple(self.sn_v.shape[2:]) == spatial:
-            return self.sn_v.detach().clone()
-        return None
-
-    def lipschitz(self) -> float:
-        """Eval-mode Lipschitz constant c·‖A‖₂/σ_frozen on the stored input shape."""
-        sigma, _, _ = self.operator_norm()
-        return sigma * float(self._sn_factor(self.sn_sigma).detach())
-
-    def curvature_bound(self) -> float:
+    def curvature_bound(self, input_shape: Sequence[int] | None = None) -> float:
         return 0.0
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        self._load_sn_state(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        engine = SpectralNorm.of(self)
+        if engine is not None:
+            engine.clear(self)
+
+
+class SpectralNormConv(_SNLayer):
+    """Mixin: a ``nn.ConvNd`` whose applied weight is c·W/‖A‖₂ (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_conv_input(self, x)
+        return self._conv_forward(x, self.weight * _sn_factor(self, x), self.bias)
+
+
+class SNConv1d(SpectralNormConv, nn.Conv1d):
+    """``nn.Conv1d`` normalised by its true operator norm (see :class:`SpectralNormConv`)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002,ANN003
+        nn.Conv1d.__init__(self, *args, **kwargs)
+        SpectralNorm.attach(self, "conv")
+
+
+class SNConv2d(SpectralNormConv, nn.Conv2d):
+    """``nn.Conv2d`` normalised by its true operator norm (see :class:`SpectralNormConv`)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002,ANN003
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        SpectralNorm.attach(self, "conv")
+
+
+class SNConv3d(SpectralNormConv, nn.Conv3d):
+    """``nn.Conv3d`` normalised by its true operator norm (see :class:`SpectralNormConv`)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002,ANN003
+        nn.Conv3d.__init__(self, *args, **kwargs)
+        SpectralNorm.attach(self, "conv")
+
+
+class SNLinear(_SNLayer, nn.Linear):
+    """``nn.Linear`` whose applied weight is c·W/σ, σ the matrix spectral norm of W (same
+    engine and semantics as the convolutions; the input shape is (in_features,))."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002,ANN003
+        nn.Linear.__init__(self, *args, **kwargs)
+        SpectralNorm.attach(self, "linear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_linear_input(self, x)
+        return F.linear(x, self.weight * _sn_factor(self, x), self.bias)
+
+
+def is_spectrally_normalized(module: nn.Module) -> bool:
+    """True for SN layers and layers carrying :class:`InputSpectralNorm`."""
+    return SpectralNorm.of(module) is not None
+
+
+def spectral_input_shapes(model: nn.Module, x: torch.Tensor) -> dict[nn.Module, tuple[int, ...]]:
+    """Run ``model(x)`` (as the model's mode and grad mode are) and return the input shape each
+    spectrally normalised layer saw first (per example, as :meth:`SpectralNorm.input_shape`)."""
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        shapes.setdefault(module, SpectralNorm.of(module).input_shape(module, args[0]))
+
+    handles = [m.register_forward_pre_hook(record, prepend=True)
+               for m in model.modules() if is_spectrally_normalized(m)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+class InputSpectralNorm:
+    """Forward pre-hook applying f(c·x/σ) to an affine layer f that cannot be normalised
+    through its weight: timm's ``Conv2dSame`` pads for the input size inside forward, and
+    ``StdConv2d``/``ScaledStdConv2d`` standardise the weight, which would undo W/σ. For an
+    affine f(x) = A x + b, f(x/σ) = A x/σ + b, so scaling the input normalises any of them
+    while the layer keeps its class, its forward and its state_dict keys. σ = ‖A‖₂ on the
+    layer's real input shape by the :class:`SpectralNorm` engine (kind ``"affine"``).
+
+    Use :meth:`apply` to add it to a layer, :meth:`of` to find it, :meth:`remove` to take it
+    off (the layer's own function is then restored).
+    """
+
+    @classmethod
+    def apply(cls, module: nn.Module) -> InputSpectralNorm:
+        """Normalise ``module`` (an affine layer with a ``weight``) in place; returns the hook."""
+        if not isinstance(module, nn.Module) or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise TypeError(f"{layer_name(module)}: expected a layer with a weight tensor")
+        if SpectralNorm.of(module) is not None:
+            raise ValueError(f"{layer_name(module)}: already spectrally normalised")
+        hook = cls()
+        SpectralNorm.attach(module, "affine")
+        module.register_forward_pre_hook(hook)
+        return hook
+
+    @staticmethod
+    def of(module: nn.Module) -> InputSpectralNorm | None:
+        """The hook on ``module``, or None."""
+        return next((h for h in module._forward_pre_hooks.values() if isinstance(h, InputSpectralNorm)), None)
+
+    enable_scale = staticmethod(enable_sn_scale)  # f(c·x/σ) with a learnable c (``sn_log_scale``)
+
+    def remove(self, module: nn.Module) -> None:
+        """Take the normalisation off ``module`` (its state buffers and scale too)."""
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is self]:
+            del module._forward_pre_hooks[key]
+        SpectralNorm.of(module).detach(module)
+
+    def lipschitz(self, module: nn.Module, input_shape: Sequence[int] | None = None) -> float:
+        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``input_shape`` (default: trained)."""
+        return SpectralNorm.of(module).lipschitz(module, input_shape)
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (x * _sn_factor(module, x), *args[1:])
 
 
 def conv_operator_norm(
     conv: nn.modules.conv._ConvNd,
     spatial: Sequence[int],
     weight: torch.Tensor | None = None,
-    tol: float = 1e-10,
+    tol: float = BOUND_TOL,
     max_iter: int = 2000,
-    v0: torch.Tensor | None = None,
 ) -> tuple[float, int, bool]:
-    """Operator 2-norm of any ``nn.ConvNd`` (bias excluded) on inputs of shape (C, *spatial).
-
-    Restarted Lanczos on AᵀA in float64 (cycles of 64 steps, each restarted from the last
-    Ritz vector) until λ = σ² changes by at most ``tol`` (relative), or ``max_iter``
-    operator applications. Returns (σ, applications of AᵀA, converged).
-    """
+    """Operator 2-norm of any ``nn.ConvNd`` (bias excluded) on inputs of shape (C, *spatial),
+    float64 Lanczos on AᵀA to a Ritz residual ≤ ``tol``·σ²: (σ, applications, converged)."""
     w = (conv.weight if weight is None else weight).detach().double()
-    op = ConvOperator(conv, spatial)
-    if v0 is None:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        v0 = torch.randn(1, conv.in_channels, *op.spatial, generator=gen, dtype=torch.float64)
-    return gram_operator_norm(lambda t: op.adjoint(op.forward(t, w), w),
-                              v0.detach().to(device=w.device, dtype=torch.float64), tol, max_iter)
-
-
-def gram_operator_norm(
-    gram: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, tol: float, max_iter: int
-) -> tuple[float, int, bool]:
-    """‖A‖₂ from its Gram operator AᵀA by restarted Lanczos (cycles of 64 steps, each
-    restarted from the last Ritz vector) until λ = σ² changes by at most ``tol`` (relative)
-    or ``max_iter`` applications. Returns (σ, applications of AᵀA, converged)."""
-    v, used, lam_prev = v0, 0, None
+    op = ConvOperator(conv, spatial, w)
+    v0 = _seeded_start(op.in_shape, w)
     with torch.no_grad():
-        while used < max_iter:
-            res = lanczos_extreme(gram, v, max_steps=min(64, max_iter - used), tol=tol)
-            used += res.steps
-            v = res.vector
-            lam = max(res.eigenvalue, 0.0)
-            if res.converged and (lam_prev is None or abs(lam - lam_prev) <= tol * lam):
-                return lam**0.5, used, True
-            lam_prev = lam
-    return lam_prev**0.5, used, False
-
-
-class SNConv1d(SpectralNormConv, nn.Conv1d):
-    """``nn.Conv1d`` normalised by its true operator norm (see :class:`SpectralNormConv`)."""
-
-    def __init__(self, *args, n_power_iterations_init: int = 15, **kwargs) -> None:  # noqa: ANN002,ANN003
-        nn.Conv1d.__init__(self, *args, **kwargs)
-        self._init_sn_state(n_power_iterations_init)
-
-
-class SNConv2d(SpectralNormConv, nn.Conv2d):
-    """``nn.Conv2d`` normalised by its true operator norm (see :class:`SpectralNormConv`)."""
-
-    def __init__(self, *args, n_power_iterations_init: int = 15, **kwargs) -> None:  # noqa: ANN002,ANN003
-        nn.Conv2d.__init__(self, *args, **kwargs)
-        self._init_sn_state(n_power_iterations_init)
-
-
-class SNConv3d(SpectralNormConv, nn.Conv3d):
-    """``nn.Conv3d`` normalised by its true operator norm (see :class:`SpectralNormConv`)."""
-
-    def __init__(self, *args, n_power_iterations_init: int = 15, **kwargs) -> None:  # noqa: ANN002,ANN003
-        nn.Conv3d.__init__(self, *args, **kwargs)
-        self._init_sn_state(n_power_iterations_init)
-
-
-class SNLinear(_SpectralNormBase, nn.Linear):
-    """``nn.Linear`` whose applied weight is W/σ, σ the matrix spectral norm of W.
-
-    15 power iterations at construction (and on :meth:`reset_power_iteration`), one
-    warm-started iteration per training forward, σ frozen in eval.
-    """
-
-    def __init__(self, *args, n_power_iterations_init: int = 15, **kwargs) -> None:  # noqa: ANN002,ANN003
-        nn.Linear.__init__(self, *args, **kwargs)
-        self._init_sn_state(n_power_iterations_init)
-        self.reset_power_iteration()
-
-    def _sn_v_compatible(self, saved: torch.Tensor) -> bool:
-        return saved.shape == (self.in_features,)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "sn_v"):
-            self.reset_power_iteration()
-
-    def _apply_operator(self, v: torch.Tensor) -> torch.Tensor:
-        return self.weight @ v
-
-    def reset_power_iteration(self, n_iter: int | None = None) -> None:
-        n_iter = self.n_power_iterations_init if n_iter is None else n_iter
-        v = self._random_unit((self.in_features,))
-        with torch.no_grad():
-            w = self.weight
-            for _ in range(n_iter):
-                v = _normalize(w.t() @ (w @ v))
-            self.sn_v = v
-            self.sn_sigma.copy_((w @ v).norm())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{layer_name(self)}: expected input of shape (..., {self.in_features}), "
-                f"got {tuple(x.shape)}"
-            )
-        if self.sn_v.numel() == 0:
-            self.reset_power_iteration()
-        w = self.weight
-        sigma = self._sn_sigma_for_forward(lambda v: _normalize(w.t() @ (w @ v)))
-        return F.linear(x, self.weight * self._sn_factor(sigma), self.bias)
-
-    def lipschitz(self) -> float:
-        """Eval-mode Lipschitz constant: c·exact ‖W‖₂ (SVD) over the frozen σ."""
-        w = self.weight.detach().double()
-        return float(torch.linalg.matrix_norm(w, ord=2)) * float(self._sn_factor(self.sn_sigma).detach())
-
-    def curvature_bound(self) -> float:
-        return 0.0
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        self._load_sn_state(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        sigma, used, ok, _ = linalg.operator_norm(_gram(op), v0, tol=tol, max_iter=max_iter)
+    return sigma, used, ok

@@ -30,12 +30,12 @@ class OptionABlock(nn.Module):
     """conv3×3-BN-ReLU-conv3×3-BN + shortcut, ReLU; the shortcut subsamples and zero-pads
     channels where the shape changes (no parameters)."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, dd: dict[str, Any]) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(cout, **dd)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(cout, **dd)
         self.act1, self.act2 = nn.ReLU(), nn.ReLU()  # modules, so that lcnn_plugin.convert sees them
         self.pad = (cout - cin) // 2
         self.stride = stride
@@ -54,27 +54,30 @@ class CifarResNet(nn.Module):
 
     def __init__(self, n: int = 3, num_classes: int = 10, in_chans: int = 3,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 drop_rate: float = 0.0, **kwargs: Any) -> None:
+                 drop_rate: float = 0.0, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(f"CifarResNet: unexpected arguments {sorted(kwargs)}")
+        dd = dict(device=device, dtype=dtype)
         if in_chans != len(mean) or in_chans != len(std):
             raise ValueError(f"CifarResNet: mean and std need {in_chans} values (in_chans)")
         self.num_classes, self.num_features, self.drop_rate = num_classes, 64, drop_rate
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.head_hidden_size, self.in_chans = 64, in_chans
+        self.register_buffer("mean", torch.tensor(mean, **dd).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, **dd).view(1, -1, 1, 1))
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(16, **dd)
         self.act1 = nn.ReLU()
         stages, cin = [], 16
         for i, width in enumerate((16, 32, 64)):
             stride = 2 if i else 1
-            blocks = [OptionABlock(cin, width, stride)]
-            blocks += [OptionABlock(width, width, 1) for _ in range(n - 1)]
+            blocks = [OptionABlock(cin, width, stride, dd)]
+            blocks += [OptionABlock(width, width, 1, dd) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
             cin = width
         self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(64, num_classes) if num_classes else nn.Identity()
+        self.linear = nn.Linear(64, num_classes, **dd) if num_classes else nn.Identity()
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -95,7 +98,10 @@ class CifarResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.linear = nn.Linear(64, num_classes) if num_classes else nn.Identity()
+        p = self.conv1.weight  # the model's current device and dtype (after .to())
+        dd = dict(device=p.device, dtype=p.dtype)
+        self.linear = nn.Linear(64, num_classes, **dd) if num_classes else nn.Identity()
+        self.linear.train(self.training)
 
 
 default_cfgs = generate_default_cfgs({

@@ -28,7 +28,6 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..layers import CenteredSoftplus, LipschitzBatchNorm2d, SNConv2d, SNLinear, name_layers
-from ..layers.spectral import SpectralNormConv
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
@@ -49,7 +48,7 @@ KINDS = {
 class _Factory:
     """Builds the layers of one kind of network."""
 
-    def __init__(self, kind: str, beta: float | None, gamma: float) -> None:
+    def __init__(self, kind: str, beta: float | None, gamma: float, dd: dict[str, Any]) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
         act, default_beta, self.spectral, self.lipschitz_bn = KINDS[kind]
@@ -60,20 +59,27 @@ class _Factory:
         if not gamma > 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
         self.gamma = float(gamma)
+        self.dd = dd  # device and dtype of every parameter and buffer
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
         cls = SNConv2d if self.spectral else nn.Conv2d
-        return cls(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+        return cls(cin, cout, k, stride=stride, padding=k // 2, bias=False, **self.dd)
 
     def norm(self, c: int) -> nn.BatchNorm2d:
         if self.lipschitz_bn:
-            return LipschitzBatchNorm2d(c, gamma=self.gamma, affine=False)
-        return nn.BatchNorm2d(c, affine=False)
+            return LipschitzBatchNorm2d(c, gamma=self.gamma, affine=False, **self.dd)
+        return nn.BatchNorm2d(c, affine=False, **self.dd)
 
     def act(self) -> nn.Module:
         if self.act_kind == "centered":
-            return CenteredSoftplus(self.beta)
+            return CenteredSoftplus(self.beta).to(**self.dd)
         return nn.Softplus(beta=self.beta)
+
+
+
+def _classifier(cin: int, num_classes: int, dd: dict[str, Any]) -> nn.Module:
+    """The spectrally normalised classifier of every kind (none for num_classes = 0)."""
+    return SNLinear(cin, num_classes, **dd) if num_classes else nn.Identity()
 
 
 class _SplitResidual(nn.Module):
@@ -147,18 +153,6 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
 torch.fx.wrap("_check_input")  # an opaque call when traced (see lcnn_plugin.bound)
 
 
-def _hold_power_iteration(part: nn.Module, hold: bool) -> None:
-    """With gradient checkpointing, spectral norms step their power iteration once per
-    training forward *before* the checkpointed stages and hold it there, so that the
-    recomputation in backward uses exactly the σ of the original forward."""
-    for m in part.modules():
-        if isinstance(m, SpectralNormConv):
-            if hold and m.sn_v.numel():
-                with torch.no_grad():
-                    m.sn_v.copy_(m._operator(m.sn_v.shape[2:]).power_iteration(m.sn_v, 1))
-            m._sn_hold = hold
-
-
 class LcnnResNet(nn.Module):
     """A ResNet of split residual blocks built from one :data:`KINDS` entry.
 
@@ -173,6 +167,7 @@ class LcnnResNet(nn.Module):
         beta: activation β (default by kind: 5, 1000, 10). gamma: initial γ of γ-BN (10).
         global_pool: timm pool type of the head. drop_rate: dropout before the classifier.
         width: channels of the stem and the first stage (64).
+        device, dtype: of every parameter and buffer (``"meta"`` builds the structure only).
     """
 
     def __init__(
@@ -188,6 +183,8 @@ class LcnnResNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         width: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -200,7 +197,7 @@ class LcnnResNet(nn.Module):
         if in_chans < 1 or num_classes < 0:
             raise ValueError(f"need in_chans >= 1 and num_classes >= 0, got {in_chans}, {num_classes}")
         block_cls = blocks[block]
-        f = _Factory(kind, beta, gamma)
+        f = _Factory(kind, beta, gamma, dict(device=device, dtype=dtype))
         self.kind = kind
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -231,7 +228,7 @@ class LcnnResNet(nn.Module):
         self.num_features = self.head_hidden_size = cin
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_drop = nn.Dropout(drop_rate)
-        self.fc = SNLinear(cin * self.global_pool.feat_mult(), num_classes) if num_classes else nn.Identity()
+        self.fc = _classifier(cin * self.global_pool.feat_mult(), num_classes, f.dd)
         name_layers(self)
 
     @property
@@ -244,12 +241,10 @@ class LcnnResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint the stages in training. As with any checkpointed BatchNorm, running
-        statistics are updated again when the stages are recomputed."""
+        """Checkpoint the stages in training. The spectral norms' recomputation reuses the
+        forward's σ (see :mod:`lcnn_plugin.layers.spectral`); as with any checkpointed
+        BatchNorm, running statistics are updated again when the stages are recomputed."""
         self.grad_checkpointing = enable
-        if not enable:
-            for stage in self.stages:
-                _hold_power_iteration(stage, False)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -260,16 +255,16 @@ class LcnnResNet(nn.Module):
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         in_features = self.num_features * self.global_pool.feat_mult()
-        self.fc = SNLinear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+        p = next(self.parameters())  # the model's current device and dtype (after .to())
+        self.fc = _classifier(in_features, num_classes, dict(device=p.device, dtype=p.dtype))
+        self.fc.train(self.training)
         name_layers(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_chans)
         x = self.pool(self.act1(self.bn1(self.conv1(x))))
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            stages = nn.Sequential(*self.stages)
-            _hold_power_iteration(stages, True)
-            return checkpoint_seq(stages, x)
+            return checkpoint_seq(nn.Sequential(*self.stages), x)
         for stage in self.stages:
             x = stage(x)
         return x

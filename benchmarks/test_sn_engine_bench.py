@@ -59,8 +59,8 @@ def _pre_engine(model: nn.Module) -> nn.Module:
     return old
 
 
-@pytest.fixture(scope="module")
-def pair(request):
+@pytest.fixture
+def pair(request):  # per test: the train-step benchmark moves the weights
     name = request.config.getoption("--bench-train-model")
     batch = request.config.getoption("--bench-train-batch")
     size = request.config.getoption("--bench-size")

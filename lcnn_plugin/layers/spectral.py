@@ -434,9 +434,7 @@ class SpectralNorm:
             v0 = self._batched(module, shape).detach().double()
         else:
             v0 = _seeded_start(shape, torch.empty((), dtype=torch.float64, device=module.weight.device))
-        with torch.no_grad():
-            sigma, used, ok, _ = linalg.operator_norm(_gram(op), v0, tol=tol, max_iter=max_iter)
-        return sigma, used, ok
+        return _bound_norm(op, v0, tol, max_iter)
 
     def lipschitz(self, module: nn.Module, shape: Sequence[int] | None = None) -> float:
         """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``shape`` (default: trained)."""
@@ -663,7 +661,12 @@ def conv_operator_norm(
     float64 Lanczos on AᵀA to a Ritz residual ≤ ``tol``·σ²: (σ, applications, converged)."""
     w = (conv.weight if weight is None else weight).detach().double()
     op = ConvOperator(conv, spatial, w)
-    v0 = _seeded_start(op.in_shape, w)
+    return _bound_norm(op, _seeded_start(op.in_shape, w), tol, max_iter)
+
+
+def _bound_norm(op: Operator, v0: torch.Tensor, tol: float,
+                max_iter: int) -> tuple[float, int, bool]:
+    """The bounds' float64 ‖A‖₂ (restarted Lanczos on AᵀA): (σ, applications, converged)."""
     with torch.no_grad():
         sigma, used, ok, _ = linalg.operator_norm(_gram(op), v0, tol=tol, max_iter=max_iter)
     return sigma, used, ok

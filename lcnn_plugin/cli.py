@@ -4,25 +4,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 
 from . import __version__
-from .bound import UnboundedError, model_bound
+from .bound import model_bound
+from .validate import FEW_EXAMPLES, InputError, LcnnWarning, fits, suggest, timm_model
+
+Payload = tuple[str, dict[str, Any]]  # what a command prints: text, and the JSON object
 
 
-def _models(args: argparse.Namespace) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(minimum: int = 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _real(minimum: float = 0.0, above: bool = False) -> Callable[[str], float]:
+    rule = f"{'>' if above else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {rule}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected a finite number {rule}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _models(args: argparse.Namespace) -> Payload:
     names = timm.list_models(args.filter)
-    if args.json:
-        print(json.dumps(names))
-    else:
-        for name in names:
-            fn = timm.models.model_entrypoint(name)
-            print(f"{name:34s} {(fn.__doc__ or '').strip()}")
-    return 0
+    if not names:
+        raise InputError(f"--filter: no timm model matches {args.filter!r}")
+    lines = [f"{n:34s} {(timm.models.model_entrypoint(n).__doc__ or '').strip()}" for n in names]
+    return "\n".join(lines), dict(models=names)
 
 
 def _parse_size(text: str) -> tuple[int, ...]:
@@ -35,12 +78,11 @@ def _parse_size(text: str) -> tuple[int, ...]:
     return size
 
 
-def _bound(args: argparse.Namespace) -> int:
-    model = timm.create_model(args.model, num_classes=args.num_classes)
+def _bound(args: argparse.Namespace) -> Payload:
+    model = timm_model(args.model, num_classes=args.num_classes)
     size = args.input_size or model.pretrained_cfg["input_size"]
     result = model_bound(model, size)
-    print(json.dumps(dict(model=args.model, **result.as_dict())) if args.json else result)
-    return 0
+    return str(result), dict(model=args.model, **result.as_dict())
 
 
 _CONFIG_FLAGS = {  # CLI option -> TrainConfig field
@@ -65,7 +107,7 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> Payload:
     from .train import TrainConfig, train
 
     given = {f: getattr(args, k) for k, f in _CONFIG_FLAGS.items() if getattr(args, k) is not None}
@@ -73,47 +115,57 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_augment:
         given["augment"] = False
     if args.pretrained_file:
+        if not Path(args.pretrained_file).is_file():
+            raise InputError(f"--pretrained-file: {args.pretrained_file} is not a file")
         given["model_kwargs"] = dict(given.get("model_kwargs", {}), pretrained=True,
                                      pretrained_cfg_overlay=dict(file=args.pretrained_file))
     if args.resume:
         if given or obj_kwargs:
             flags = ", ".join("--" + k.replace("_", "-") for k in [*given, *obj_kwargs])
-            raise ValueError(f"--resume takes the configuration from the checkpoint; drop {flags}")
+            raise InputError(f"--resume takes the configuration from the checkpoint; drop {flags}")
         result = train(None, args.out, resume=True, progress=not args.no_progress)
     else:
         config = TrainConfig(**given, objective_kwargs=obj_kwargs)
         result = train(config, args.out, progress=not args.no_progress)
     last = result.history[-1] if result.history else {}
-    if args.json:
-        print(json.dumps(dict(out=str(result.out_dir), history=result.history)))
-    else:
-        print(f"trained {args.out}: epoch {last.get('epoch')}, train acc {last.get('train_acc', 0):.4f}, "
-              f"test acc {last.get('test_acc', 0):.4f} (checkpoint in {args.out}/checkpoint.json)")
-    return 0
+    text = (f"trained {args.out}: epoch {last.get('epoch')}, train acc {last.get('train_acc', 0):.4f}, "
+            f"test acc {last.get('test_acc', 0):.4f} on {last.get('test_examples')} test images "
+            f"(checkpoint in {args.out}/checkpoint.json)")
+    return text, dict(out=str(result.out_dir), history=result.history)
 
 
 def _load_model(spec: str, num_classes: int, pretrained_file: str | None) -> torch.nn.Module:
-    """A run directory written by ``lcnn train``, or a timm model name."""
-    from pathlib import Path
-
+    """A run directory written by ``lcnn train``, or a timm model name (eval mode)."""
     from .train import load_checkpoint
 
-    if Path(spec, "checkpoint.json").exists():
-        return load_checkpoint(spec)[0]
-    if Path(spec).is_dir():
-        raise ValueError(f"{spec}: a directory without checkpoint.json (not an lcnn train run)")
-    kwargs = dict(num_classes=num_classes)
-    if pretrained_file:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained_file))
-    try:
-        return timm.create_model(spec, **kwargs).eval()
-    except RuntimeError as e:
-        raise ValueError(f"model: {e}") from e
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "checkpoint.json").exists():
+            raise InputError(f"model: {spec} is a folder without checkpoint.json (not an `lcnn train` run)")
+        if pretrained_file:
+            raise InputError("--pretrained-file: applies to a timm model name, not to the run folder "
+                             f"{spec}")
+        return load_checkpoint(path)[0]
+    if os.sep in spec or "/" in spec or spec.startswith((".", "~")):
+        parent = path.parent
+        runs = [str(p) for p in parent.iterdir() if (p / "checkpoint.json").exists()] \
+            if parent.is_dir() else []
+        raise InputError(f"model: no run folder {spec}{suggest(spec, runs)}")
+    return timm_model(spec, num_classes=num_classes, pretrained_file=pretrained_file).eval()
+
+
+def _dataset(args: argparse.Namespace, model: torch.nn.Module, n: int, seed: int):  # noqa: ANN202
+    """The --data/--split set, checked against the model, and its seeded sample of ``n``."""
+    from .data import load_dataset
+
+    data = load_dataset(args.data, args.split, args.data_root)
+    fits(model, data.images, data.labels, len(data.classes), f"data {data.name}")
+    return data.sample(n, seed)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory of `lcnn train`, or a timm model name")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of a timm model (10)")
+    p.add_argument("--num-classes", type=_count(2), default=10, help="classes of a timm model (10)")
     p.add_argument("--pretrained-file", default=None, help="weights file for a timm model name")
     p.add_argument("--data", default="synthetic",
                    help="synthetic (default), cifar10, cifar100, svhn, or an ImageFolder path")
@@ -122,57 +174,70 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _curvature(args: argparse.Namespace) -> int:
+def _curvature(args: argparse.Namespace) -> Payload:
     from .curvature import report
-    from .data import load_dataset
 
     model = _load_model(args.model, args.num_classes, args.pretrained_file)
-    data = load_dataset(args.data, args.split, args.data_root)
-    rep = report(model, data.batches(args.batch_size, args.max_examples), method=args.method,
-                 engine=args.engine, fold_bn=args.fold_bn, progress=not args.json)
-    if args.json:
-        print(json.dumps(dict(model=args.model, data=data.name, n=rep.n, method=rep.method,
-                              hvps_mean=rep.hvps_mean, converged_fraction=rep.converged_fraction,
-                              stats=rep.stats)))
-    else:
-        print(rep)
-    return 0
+    data = _dataset(args, model, args.max_examples, args.seed)
+    rep = report(model, data.batches(args.batch_size), method=args.method, engine=args.engine,
+                 fold_bn=args.fold_bn, progress=not args.json)
+    return f"{rep}\ndata: {data.name}", dict(
+        model=args.model, data=data.name, n=rep.n, method=rep.method, hvps_mean=rep.hvps_mean,
+        converged_fraction=rep.converged_fraction, stats=rep.stats)
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    """Comma-separated distinct finite ε >= 0."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {item!r}")
+        if value in values:
+            raise argparse.ArgumentTypeError(f"{item} given more than once")
+        values.append(value)
+    return values
 
 
-def _robustness(args: argparse.Namespace) -> int:
-    from .data import load_dataset
+def _attack_names(text: str) -> list[str]:
+    from .robustness import ATTACKS
+
+    names = text.split(",")
+    for name in names:
+        if name not in ATTACKS:
+            raise argparse.ArgumentTypeError(f"unknown attack {name!r}{suggest(name, ATTACKS)}; choose from "
+                                             f"{', '.join(ATTACKS)}")
+        if names.count(name) > 1:
+            raise argparse.ArgumentTypeError(f"{name} given more than once")
+    return names
+
+
+def _robustness(args: argparse.Namespace) -> Payload:
     from .robustness import ATTACKS, evaluate
 
     model = _load_model(args.model, args.num_classes, args.pretrained_file)
-    data = load_dataset(args.data, args.split, args.data_root)
-    attacks = [a for a in args.attacks.split(",") if a]
+    data = _dataset(args, model, args.max_examples, args.seed)
     eps = {}
-    if any(ATTACKS.get(a) == "Linf" for a in attacks):
+    if any(ATTACKS[a] == "Linf" for a in args.attacks):
         eps["Linf"] = args.eps_linf
-    if any(ATTACKS.get(a) == "L2" for a in attacks):
+    if any(ATTACKS[a] == "L2" for a in args.attacks):
         eps["L2"] = args.eps_l2
-    res = evaluate(model, data.batches(args.batch_size, args.max_examples), attacks, eps, steps=args.steps,
+    res = evaluate(model, data.batches(args.batch_size), args.attacks, eps, steps=args.steps,
                    restarts=args.restarts, seed=args.seed, checks=not args.no_checks, progress=not args.json,
                    model_name=args.model, dataset=data.name)
-    print(res.to_json() if args.json else res)
-    return 0
+    return str(res), res.as_dict()
 
 
-def _convert(args: argparse.Namespace) -> int:
+def _convert(args: argparse.Namespace) -> Payload:
     from .convert import convert
 
     model = _load_model(args.model, args.num_classes, args.pretrained_file)
     if args.data:
-        from .data import load_dataset
-
-        x = load_dataset(args.data, "test", args.data_root).floats(slice(0, args.examples))[0]
+        args.split = "test"
+        x = _dataset(args, model, args.examples, 0).floats()[0]
     else:
         size = args.input_size or model.pretrained_cfg["input_size"]
         x = torch.rand(args.examples, *size, generator=torch.Generator().manual_seed(0))
@@ -180,25 +245,23 @@ def _convert(args: argparse.Namespace) -> int:
                         lipschitz_bn=not args.no_lipschitz_bn, preserve_function=args.preserve_function,
                         exclude=[p for p in args.exclude.split(",") if p], strict=args.strict,
                         max_pool=args.max_pool, bound=not args.no_bound, example_input=x)
-    print(json.dumps(report.as_dict()) if args.json else report)
-    return 0
+    return str(report), report.as_dict()
 
 
-def _quickstart(args: argparse.Namespace) -> int:
+def _quickstart(args: argparse.Namespace) -> Payload:
     from .quickstart import run
 
     report = run(args.out, epochs=args.epochs, train_examples=args.train_examples,
                  curvature_examples=args.curvature_examples, robust_examples=args.robust_examples,
                  overwrite=args.overwrite, progress=not args.json)
-    print(json.dumps(report) if args.json else report["text"])
-    return 0
+    return report["text"], report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lcnn", description="Low-curvature neural networks for timm and torchattacks."
-    )
+    p = _Parser(prog="lcnn", description="Low-curvature neural networks for timm and torchattacks. "
+                "Errors end with exit status 2 and one line; --debug (or LCNN_DEBUG=1) shows the traceback.")
     p.add_argument("--version", action="version", version=f"lcnn-plugin {__version__}")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser(
@@ -208,11 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", default="lcnn-quickstart",
                    help="output folder: the two runs, results.json, quickstart.png (lcnn-quickstart)")
-    q.add_argument("--epochs", type=int, default=4, help="training epochs of each model (4)")
-    q.add_argument("--train-examples", type=int, default=3200, help="training images used (3200)")
-    q.add_argument("--curvature-examples", type=int, default=200, help="test images for the curvature (200)")
-    q.add_argument("--robust-examples", type=int, default=500, help="test images for the attacks (500)")
-    q.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart in --out")
+    q.add_argument("--epochs", type=_count(), default=4, help="training epochs of each model (4)")
+    q.add_argument("--train-examples", type=_count(128), default=3200, help="training images used (3200)")
+    q.add_argument("--curvature-examples", type=_count(), default=200,
+                   help="test images for the curvature (200)")
+    q.add_argument("--robust-examples", type=_count(), default=500, help="test images for the attacks (500)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier quickstart in --out (only a folder lcnn quickstart wrote)")
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.set_defaults(func=_quickstart)
 
@@ -235,20 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="synthetic (default), cifar10, cifar100, svhn, or an ImageFolder path")
     t.add_argument("--data-root", help="root of the torchvision datasets (./data)")
     t.add_argument("--download", action="store_true", default=None, help="download a torchvision dataset")
-    t.add_argument("--epochs", type=int, help="epochs (10)")
-    t.add_argument("--batch-size", type=int, help="global batch size (128)")
-    t.add_argument("--lr", type=float, help="learning rate (0.1)")
-    t.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
-    t.add_argument("--weight-decay", type=float, help="weight decay, not applied to β and γ (5e-4)")
+    t.add_argument("--epochs", type=_count(), help="epochs (10)")
+    t.add_argument("--batch-size", type=_count(), help="global batch size (128)")
+    t.add_argument("--lr", type=_real(0, above=True), help="learning rate (0.1)")
+    t.add_argument("--momentum", type=_real(), help="SGD momentum (0.9)")
+    t.add_argument("--weight-decay", type=_real(), help="weight decay, not applied to β and γ (5e-4)")
     t.add_argument("--no-augment", action="store_true", help="no RandomCrop/flip")
-    t.add_argument("--seed", type=int, help="seed (0)")
-    t.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (0: per epoch only)")
-    t.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
-    t.add_argument("--eval-examples", type=int, help="test examples evaluated per epoch (2000)")
+    t.add_argument("--seed", type=_count(0), help="seed (0)")
+    t.add_argument("--checkpoint-every", type=_count(0),
+                   help="also checkpoint every N steps (0: per epoch only)")
+    t.add_argument("--max-train-examples", type=_count(),
+                   help="train on a seeded random N of the training examples (all)")
+    t.add_argument("--eval-examples", type=_count(),
+                   help="test examples evaluated per epoch: a seeded random sample of the test split (2000)")
     for flag in _OBJECTIVE_FLAGS[:-2]:
-        t.add_argument("--" + flag.replace("_", "-"), type=float,
+        t.add_argument("--" + flag.replace("_", "-"), type=_real(),
                        help="objective setting (defaults: lcnn_plugin.objectives)")
-    t.add_argument("--adv-steps", type=int, help="PGD steps of adversarial training (3)")
+    t.add_argument("--adv-steps", type=_count(), help="PGD steps of adversarial training (3)")
     t.add_argument("--use-predicted", action="store_true", default=None,
                    help="attack the predicted instead of the true labels")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("curvature",
                        help="per-example gradient norm, Hessian norm and curvature over a dataset")
     _model_args(c)
-    c.add_argument("--max-examples", type=int, default=200, help="examples measured (200)")
-    c.add_argument("--batch-size", type=int, default=50, help="examples per batch (50)")
+    c.add_argument("--max-examples", type=_count(), default=200,
+                   help="examples measured: a seeded random sample of the split (200)")
+    c.add_argument("--batch-size", type=_count(), default=50, help="examples per batch (50)")
+    c.add_argument("--seed", type=_count(0), default=0, help="seed of the sample (0)")
     c.add_argument("--method", default="lanczos",
                    choices=("lanczos", "power", "reference", "exact", "piecewise_linear"))
     c.add_argument("--engine", default="auto", choices=("auto", "autograd", "func", "compiled", "triton"))
@@ -268,17 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("robustness", help="clean and robust accuracy under torchattacks, with honesty checks")
     _model_args(r)
-    r.add_argument("--attacks", default="pgd,apgd",
+    r.add_argument("--attacks", type=_attack_names, default=["pgd", "apgd"],
                    help="comma-separated: fgsm, pgd, pgdl2, apgd, apgdl2, autoattack, autoattackl2 "
                         "(pgd,apgd)")
     r.add_argument("--eps-linf", type=_floats, default=[2 / 255, 4 / 255, 8 / 255],
                    help="L-inf ε sweep (2/255,4/255,8/255)")
     r.add_argument("--eps-l2", type=_floats, default=[0.1, 0.25, 0.5], help="L2 ε sweep (0.1,0.25,0.5)")
-    r.add_argument("--steps", type=int, default=10, help="PGD/APGD steps (10)")
-    r.add_argument("--restarts", type=int, default=1, help="APGD restarts (1)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--max-examples", type=int, default=500, help="examples evaluated (500)")
-    r.add_argument("--batch-size", type=int, default=250, help="examples per batch (250)")
+    r.add_argument("--steps", type=_count(), default=10, help="PGD/APGD steps (10)")
+    r.add_argument("--restarts", type=_count(), default=1, help="APGD restarts (1)")
+    r.add_argument("--seed", type=_count(0), default=0, help="seed of the sample and the attacks (0)")
+    r.add_argument("--max-examples", type=_count(), default=500,
+                   help=f"examples evaluated: a seeded random sample of the split (500; fewer than "
+                        f"{FEW_EXAMPLES} give a warning)")
+    r.add_argument("--batch-size", type=_count(), default=250, help="examples per batch (250)")
     r.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
     r.set_defaults(func=_robustness)
 
@@ -287,17 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "change, every module left as is with the reason, the agreement with the "
                                    "original (--preserve-function) and the data-free bounds. To fine-tune "
                                    "the converted model, use `lcnn train --convert JSON`.")
-    v.add_argument("model", help="a timm model name")
-    v.add_argument("--num-classes", type=int, default=10, help="classifier outputs (10)")
+    v.add_argument("model", help="a timm model name, or a run directory of `lcnn train`")
+    v.add_argument("--num-classes", type=_count(2), default=10, help="classifier outputs (10)")
     v.add_argument("--pretrained-file", default=None, help="weights file for the model")
     v.add_argument("--input-size", type=_parse_size, default=None,
                    help="C,H,W of the example input (default: the model's pretrained_cfg input_size)")
     v.add_argument("--data", default=None,
-                   help="take the example input from this dataset's test split (default: uniform noise)")
+                   help="take the example input from a seeded sample of this dataset's test split "
+                        "(default: uniform noise)")
     v.add_argument("--data-root", default="./data", help="root of the torchvision datasets (./data)")
-    v.add_argument("--examples", type=int, default=8, help="example inputs (8)")
-    v.add_argument("--beta", type=float, default=None, help="initial β (5; 1000 with --preserve-function)")
-    v.add_argument("--gamma", type=float, default=10.0, help="initial γ of the γ-Lipschitz BatchNorms (10)")
+    v.add_argument("--examples", type=_count(), default=8, help="example inputs (8)")
+    v.add_argument("--beta", type=_real(0, above=True), default=None,
+                   help="initial β (5; 1000 with --preserve-function)")
+    v.add_argument("--gamma", type=_real(0, above=True), default=10.0,
+                   help="initial γ of the γ-Lipschitz BatchNorms (10)")
     v.add_argument("--preserve-function", action="store_true", help="keep a pretrained model's outputs")
     v.add_argument("--exclude", default="", help="comma-separated module path patterns to leave as they are")
     v.add_argument("--strict", action="store_true", help="fail if any module would stay uncontrolled")
@@ -315,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bound", help="data-free Lipschitz and curvature bounds of a model")
     b.add_argument("model", help="a timm model name, e.g. lcnn_resnet18_cifar")
-    b.add_argument("--num-classes", type=int, default=10, help="classifier outputs (10)")
+    b.add_argument("--num-classes", type=_count(2), default=10, help="classifier outputs (10)")
     b.add_argument("--input-size", type=_parse_size, default=None,
                    help="C,H,W (default: the model's pretrained_cfg input_size)")
     b.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -323,13 +398,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error_line(command: str, e: BaseException) -> str:
+    """One line for an error: ours and the standard ``ValueError``/``TypeError``/``OSError``
+    family as they are, anything else with where it came from (a crash in our own code says so)."""
+    text = str(e).strip()
+    lines = text.splitlines()
+    msg = lines[0] if lines else type(e).__name__
+    if len(lines) > 1:
+        msg += f" (and {len(lines) - 1} more lines; --debug shows all)"
+    if isinstance(e, (ValueError, TypeError, OSError)):
+        return f"lcnn {command}: error: {msg}"
+    frames = traceback.extract_tb(e.__traceback__)
+    where = frames[-1] if frames else None
+    if where is not None and f"{os.sep}lcnn_plugin{os.sep}" in where.filename:
+        rel = where.filename[where.filename.rindex(f"{os.sep}lcnn_plugin{os.sep}") + 1:]
+        return (f"lcnn {command}: internal error at {rel}:{where.lineno} in {where.name}: "
+                f"{type(e).__name__}: {msg}; please report it (--debug shows the traceback)")
+    origin = f" in {Path(where.filename).parent.name}/{Path(where.filename).name}" if where else ""
+    return f"lcnn {command}: error: {type(e).__name__}{origin}: {msg} (--debug shows the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, RuntimeError, UnboundedError, OSError) as e:
-        print(f"lcnn {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    debug = args.debug or os.environ.get("LCNN_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LcnnWarning)
+        try:
+            text, payload = args.func(args)
+            status = 0
+        except KeyboardInterrupt:
+            print(f"lcnn {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - every error ends in one line (see _error_line)
+            if debug:
+                raise
+            print(_error_line(args.command, e), file=sys.stderr)
+            status = 2
+    if status:
+        return status  # the error's one line only
+    notes = []
+    for w in caught:
+        if issubclass(w.category, LcnnWarning):
+            if str(w.message) not in notes:
+                notes.append(str(w.message))
+                print(f"lcnn {args.command}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    print(json.dumps(dict(payload, warnings=notes)) if args.json else text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import validate as check
 from .bound import ModelBound, grouped, model_bound
 from .layers.activation import CenteredSoftplus
 from .layers.norm import LipschitzBatchNorm2d, LipschitzBatchNormAct2d
@@ -145,6 +146,7 @@ class ConversionReport:
     bound: ModelBound | None = None
     bound_error: str | None = None  # why there is no bound (None when bound is set)
     agreement: dict[str, float] | None = None  # preserve_function: measured on example_input
+    warnings: list[str] = field(default_factory=list)  # legal but probably not meant
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{"converted": {kind: n}, "kept": {kind: n}}."""
@@ -156,7 +158,7 @@ class ConversionReport:
             model=self.model, counts=self.counts(), settings=self.settings,
             changes=[vars(c) for c in self.changes], kept=[vars(k) for k in self.kept],
             bound=None if self.bound is None else self.bound.as_dict(),
-            bound_error=self.bound_error, agreement=self.agreement,
+            bound_error=self.bound_error, agreement=self.agreement, warnings=self.warnings,
         )
 
     def __str__(self) -> str:
@@ -461,19 +463,24 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if max_pool not in ("keep", "avg"):
-        raise ValueError(f"max_pool must be 'keep' or 'avg', got {max_pool!r}")
+    check.choice("max_pool", max_pool, ("keep", "avg"))
     if beta is None:
         beta = PRESERVE_BETA if preserve_function else 5.0
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    check.number("beta", beta, 0, above=True)
+    check.number("gamma", gamma, 0, above=True)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not all(isinstance(p, str) and p for p in exclude):
+        raise check.InputError(f"exclude: expected module path patterns (non-empty strings), got {exclude!r}")
     if example_input is None:
         example_input = _default_input(model)
-    elif not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
-        raise ValueError("example_input must be a batched tensor (N, ...) in the model's input space")
+    else:
+        check.check_inputs(example_input, None, "example_input", unit_box=False)
+    paths = [p for p, _ in model.named_modules()]
+    unmatched = [f"exclude: {pat!r} matched no module path (paths look like "
+                 f"{', '.join(repr(p) for p in paths[1:4])})"
+                 for pat in exclude if not any(fnmatch.fnmatchcase(p, pat) for p in paths)]
+    for message in unmatched:
+        check.warn(message)
     opts = dict(beta=float(beta), spectral_norm=spectral_norm, lipschitz_bn=lipschitz_bn, gamma=float(gamma),
                 preserve_function=preserve_function, max_pool=max_pool)
     report_settings = dict(opts, exclude=exclude)
@@ -499,7 +506,8 @@ def convert(
                 f"{k.path or '<model>'}: {k.reason}" for k in bad))
 
     target = model if inplace else copy.deepcopy(model)
-    report = ConversionReport(type(model).__name__, kept=plan.kept, settings=report_settings)
+    report = ConversionReport(type(model).__name__, kept=plan.kept, settings=report_settings,
+                              warnings=unmatched)
     occurrences: dict[int, list[str]] = {}
     for path, m in target.named_modules(remove_duplicate=False):
         occurrences.setdefault(id(m), []).append(path)
@@ -582,6 +590,9 @@ def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
             _set_module(target, path, new)
         else:
             target = new
+    if not replaced:
+        check.warn(f"strip: {type(model).__name__} has no LCNN layer to strip (not converted?); "
+                   "returned unchanged")
     return target
 
 

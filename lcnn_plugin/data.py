@@ -13,7 +13,12 @@
 - ``cifar10``, ``cifar100``, ``svhn``: torchvision's datasets under ``root`` (``download=True``
   fetches them; nothing is downloaded otherwise).
 - a path: an ImageFolder; if it has ``train/`` and ``test/`` sub-folders, the split's
-  sub-folder is used (this is how ../shared/data/cifar10 is read).
+  sub-folder is used (this is how ../shared/data/cifar10 is read); otherwise the folder
+  serves as every split (:func:`shared_splits`; training warns). Every image must be
+  readable and all of one size and mode (L, RGB or RGBA): an error names the first that is not.
+
+Evaluation on part of a dataset uses :meth:`ImageData.sample` (seeded, uniform), never the
+first N examples: ImageFolders are sorted by class.
 
 Keeping the data as tensors makes augmentation (RandomCrop with 4-pixel zero padding, and
 horizontal flips) a batched operation drawn from a generator seeded per step, so a resumed
@@ -28,6 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .validate import InputError, choice, integer, suggest
 
 BUILTIN = ("synthetic", "cifar10", "cifar100", "svhn")
 SYNTHETIC_SIZES = {"train": 10_000, "test": 2_000}
@@ -47,20 +54,28 @@ class ImageData:
         """(x in [0, 1] float32, y) for the selected examples."""
         return self.images[index].float() / 255.0, self.labels[index]
 
-    def batches(self, batch_size: int, limit: int | None = None):  # noqa: ANN201 - a generator
-        """Unshuffled (x, y) batches in [0, 1] (evaluation)."""
-        n = len(self) if limit is None else min(limit, len(self))
-        for i in range(0, n, batch_size):
-            yield self.floats(slice(i, min(i + batch_size, n)))
+    def batches(self, batch_size: int):  # noqa: ANN201 - a generator
+        """Unshuffled (x, y) batches in [0, 1] of every example (evaluation)."""
+        integer("batch_size", batch_size)
+        for i in range(0, len(self), batch_size):
+            yield self.floats(slice(i, min(i + batch_size, len(self))))
+
+    def sample(self, n: int | None, seed: int = 0) -> ImageData:
+        """``n`` examples drawn uniformly without replacement (seeded), all of them when ``n`` is
+        None or covers the set: never "the first n", since datasets are often sorted by class.
+        ``name`` records the sample."""
+        integer("n", n, optional=True)
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return ImageData(self.images[idx], self.labels[idx], self.classes,
+                         f"{self.name} (seeded random {n} of {len(self)}, seed {seed})")
 
 
 def synthetic(split: str = "train", n: int | None = None, seed: int = 0) -> ImageData:
     """The embedded dataset (see the module docstring); deterministic in (split, n, seed)."""
-    if split not in SYNTHETIC_SIZES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    n = SYNTHETIC_SIZES[split] if n is None else n
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    choice("split", split, tuple(SYNTHETIC_SIZES))
+    n = SYNTHETIC_SIZES[split] if n is None else integer("n", n)
     gen = torch.Generator().manual_seed(seed * 2 + (split == "test") + 12345)
     y = torch.randint(0, 10, (n,), generator=gen)
     # orientation θ_c ∈ {0°, 22.5°, ..., 90°} with a random sign: horizontal flips keep the class
@@ -85,23 +100,51 @@ def synthetic(split: str = "train", n: int | None = None, seed: int = 0) -> Imag
     return ImageData(images, y, names, f"synthetic-{split}")
 
 
-def _image_folder(path: Path, split: str) -> ImageData:
-    from torchvision import datasets, transforms
+_MODES = {"L": 1, "RGB": 3, "RGBA": 4}
 
-    root = path / split if (path / "train").is_dir() and (path / "test").is_dir() else path
-    if not root.is_dir():
-        raise FileNotFoundError(f"data: {root} is not a directory")
+
+def shared_splits(name: str) -> bool:
+    """True for an ImageFolder path without train/ and test/: one set of images for every split."""
+    path = Path(name)
+    return name not in BUILTIN and not ((path / "train").is_dir() and (path / "test").is_dir())
+
+
+def _image_folder(path: Path, split: str) -> ImageData:
+    """An ImageFolder, every image checked: readable, one size, one mode of :data:`_MODES`."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import datasets
+
+    if not path.is_dir():
+        raise InputError(f"data: {path} is not a folder")
+    root = path if shared_splits(str(path)) else path / split
     try:
-        ds = datasets.ImageFolder(str(root), transform=transforms.PILToTensor())
+        folder = datasets.ImageFolder(str(root), loader=str)
+        samples, classes = folder.samples, folder.classes
     except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"data: {root} is not an ImageFolder (class sub-folders of images): {e}") from e
-    loader = torch.utils.data.DataLoader(ds, batch_size=1000, num_workers=0)
-    xs, ys = [], []
-    for x, y in loader:
-        xs.append(x)
-        ys.append(y)
-    images = torch.cat(xs)
-    return ImageData(images, torch.cat(ys).long(), list(ds.classes), f"{path.name}-{split}")
+        raise InputError(f"data: {root} is not an ImageFolder (class sub-folders of images): "
+                         f"{str(e).splitlines()[0]}") from e
+    images = None
+    first = ""
+    for i, (file, _) in enumerate(samples):
+        try:
+            with Image.open(file) as img:
+                mode, size = img.mode, img.size
+                arr = np.asarray(img)
+        except OSError as e:
+            raise InputError(f"data: {file} is not a readable image ({e})") from e
+        if mode not in _MODES:
+            raise InputError(f"data: {file} has image mode {mode!r}; expected one of {', '.join(_MODES)}")
+        if images is None:
+            images = torch.empty(len(samples), _MODES[mode], size[1], size[0], dtype=torch.uint8)
+            first = f"{mode} {size[0]}×{size[1]} ({file})"
+        elif (_MODES[mode], size[1], size[0]) != tuple(images.shape[1:]) or mode != first.split()[0]:
+            raise InputError(f"data: {file} is {mode} {size[0]}×{size[1]}; expected every image like the "
+                             f"first, {first}")
+        t = torch.from_numpy(np.array(arr, dtype=np.uint8))
+        images[i] = t.permute(2, 0, 1) if t.dim() == 3 else t[None]
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    return ImageData(images, labels, list(classes), f"{path.name}-{split}")
 
 
 def _torchvision(name: str, split: str, root: str, download: bool) -> ImageData:
@@ -116,7 +159,7 @@ def _torchvision(name: str, split: str, root: str, download: bool) -> ImageData:
         ds = cls(root, train=split == "train", download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
         msg = f"data: {name} not found under {root!r} ({e}); pass --download to fetch it"
-        raise FileNotFoundError(msg) from e
+        raise InputError(msg) from e
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return ImageData(images, torch.tensor(ds.targets), list(ds.classes), f"{name}-{split}")
 
@@ -124,15 +167,17 @@ def _torchvision(name: str, split: str, root: str, download: bool) -> ImageData:
 def load_dataset(name: str = "synthetic", split: str = "train", root: str = "./data",
                  download: bool = False) -> ImageData:
     """A dataset by name or ImageFolder path (see the module docstring)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    choice("split", split, ("train", "test"))
+    if not isinstance(name, str) or not name:
+        raise InputError(f"data: expected a dataset name ({', '.join(BUILTIN)}) or a folder, got {name!r}")
     if name == "synthetic":
         return synthetic(split)
     if name in BUILTIN:
         return _torchvision(name, split, root, download)
     path = Path(name)
     if not path.exists():
-        raise FileNotFoundError(f"data: {name!r} is neither one of {BUILTIN} nor an existing folder")
+        raise InputError(f"data: {name!r} is neither one of {', '.join(BUILTIN)} nor an existing folder"
+                         + suggest(name, BUILTIN))
     return _image_folder(path, split)
 
 

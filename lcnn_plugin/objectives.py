@@ -32,6 +32,7 @@ from torch import nn
 
 from .layers.activation import CenteredSoftplus
 from .layers.norm import LipschitzBatchNorm2d
+from .validate import choice
 
 OBJECTIVES = ("standard", "lcnn", "gradreg", "lcnn+gradreg", "cure", "adversarial", "softplus+wd")
 
@@ -151,8 +152,7 @@ _DEFAULTS: dict[str, dict] = {
 def make_objective(name: str, **overrides: float | int | bool) -> Objective:
     """The objective ``name`` (one of :data:`OBJECTIVES`) with the reference defaults, any
     coefficient overridden by keyword."""
-    if name not in _DEFAULTS:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+    choice("objective", name, OBJECTIVES)
     unknown = set(overrides) - set(Objective.__dataclass_fields__) - {"name"}
     if unknown:
         raise ValueError(f"objective {name!r}: unknown settings {sorted(unknown)}")

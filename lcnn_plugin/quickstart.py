@@ -10,11 +10,11 @@ images by default, with the honesty checks). Writes the two runs, ``results.json
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from . import validate as check
 from .curvature import report as curvature_report
 from .data import load_dataset
 from .robustness import evaluate
@@ -58,13 +58,19 @@ def _plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
 def run(out: str | Path = "lcnn-quickstart", *, epochs: int = 4, train_examples: int = 3200,
         curvature_examples: int = 200, robust_examples: int = 500, overwrite: bool = False,
         progress: bool = True) -> dict[str, Any]:
-    """Run the quickstart into ``out``; returns the figures and the printed ``text``."""
+    """Run the quickstart into ``out``; returns the figures and the printed ``text``.
+
+    ``out`` must be new, empty, or an earlier quickstart's (its marker): ``overwrite`` then
+    replaces it. Every argument is checked before anything is written or removed."""
+    check.integer("epochs", epochs)
+    check.integer("train_examples", train_examples, 128)  # one batch of 128
+    check.integer("curvature_examples", curvature_examples)
+    check.integer("robust_examples", robust_examples)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if check.check_dir("out", out, "quickstart") and not overwrite:
+        raise check.InputError(f"out: {out} holds an earlier quickstart; pass --overwrite or choose "
+                               "another --out")
+    check.claim_dir(out, "quickstart", clear=overwrite)
     t0 = time.perf_counter()
     test = load_dataset("synthetic", "test")
     rows: dict[str, dict[str, Any]] = {}
@@ -75,8 +81,8 @@ def run(out: str | Path = "lcnn-quickstart", *, epochs: int = 4, train_examples:
         result = train(config, out / label.lower().replace("+", "-"), progress=progress)
         train_s = time.perf_counter() - t
         model = result.model
-        curv = curvature_report(model, test.batches(100, curvature_examples), progress=False)
-        rob = evaluate(model, test.batches(250, robust_examples), ["pgdl2"], {"L2": list(EPS_L2)},
+        curv = curvature_report(model, test.sample(curvature_examples).batches(100), progress=False)
+        rob = evaluate(model, test.sample(robust_examples).batches(250), ["pgdl2"], {"L2": list(EPS_L2)},
                        progress=False, model_name=label, dataset="synthetic-test", check_examples=128)
         rows[label] = dict(
             model=model_name, objective=objective, accuracy=result.history[-1]["test_acc"],

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import validate as check
+
 NORMS = ("Linf", "L2")
 # name: norm of the attack
 ATTACKS = {"fgsm": "Linf", "pgd": "Linf", "pgdl2": "L2", "apgd": "Linf", "apgdl2": "L2",
@@ -60,10 +62,11 @@ def build_attack(name: str, model: nn.Module, eps: float, *, steps: int = 10, re
     α = 2.5·ε/steps for PGD (Madry et al.) and explicit seeds for APGD and AutoAttack."""
     import torchattacks
 
-    if name not in ATTACKS:
-        raise ValueError(f"attack must be one of {sorted(ATTACKS)}, got {name!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check.choice("attack", name, tuple(ATTACKS))
+    check.number("eps", eps, 0)
+    check.integer("steps", steps)
+    check.integer("restarts", restarts)
+    check.integer("n_classes", n_classes, 2)
     norm = ATTACKS[name]
     alpha = 2.5 * eps / steps
     if name == "fgsm":
@@ -111,6 +114,7 @@ class RobustnessResult:
     settings: dict[str, Any] = field(default_factory=dict)
     # per-example correctness: "clean" and "<attack>@<eps>" → bool tensor (n,)
     correct: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)  # legal but probably not meant (see validate)
 
     @property
     def flagged(self) -> bool:
@@ -127,7 +131,8 @@ class RobustnessResult:
     def as_dict(self) -> dict[str, Any]:
         return dict(model=self.model, dataset=self.dataset, n_examples=self.n, clean_acc=self.clean_acc,
                     clean_acc_ci95=list(self.clean_ci95), rows=self.summary_rows(),
-                    checks=[asdict(c) for c in self.checks], flagged=self.flagged, settings=self.settings)
+                    checks=[asdict(c) for c in self.checks], flagged=self.flagged, settings=self.settings,
+                    warnings=self.warnings)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.as_dict(), **kwargs)
@@ -164,9 +169,8 @@ class _EvalMode:
 def _eps_plan(
     attacks: Sequence[str], eps: Mapping[str, Sequence[float]] | Sequence[float]
 ) -> dict[str, list]:
-    for a in attacks:
-        if a not in ATTACKS:
-            raise ValueError(f"attacks: unknown attack {a!r}; choose from {sorted(ATTACKS)}")
+    for a in check.distinct("attacks", attacks):
+        check.choice("attacks", a, tuple(ATTACKS))
     if isinstance(eps, Mapping):
         for norm in eps:
             if norm not in NORMS:
@@ -180,39 +184,10 @@ def _eps_plan(
         if len(norms) > 1:
             raise ValueError(f"eps: attacks of several norms {sorted(norms)}; give eps as {{norm: [ε, ...]}}")
         plan = {a: list(eps) for a in attacks}
-    for values in plan.values():
-        for e in values:
-            if not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0):
-                raise ValueError(f"eps must be finite numbers >= 0, got {e!r}")
+    for a, values in plan.items():
+        for e in check.distinct(f"eps ({ATTACKS[a]})", values):
+            check.number(f"eps ({ATTACKS[a]})", e, 0)
     return plan
-
-
-def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int) -> torch.Tensor:
-    """The model's clean logits on a validated batch (a clear error otherwise)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"batch {index}: inputs must be a floating-point tensor")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"batch {index}: inputs contain NaN or inf")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0 or hi > 1:
-        raise ValueError(f"batch {index}: inputs must lie in [0, 1] (normalise inside the model); "
-                         f"got values in [{lo:.4g}, {hi:.4g}]")
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.shape != x.shape[:1]:
-        raise ValueError(f"batch {index}: labels must be integers of shape ({x.shape[0]},), "
-                         f"got {y.dtype} {tuple(y.shape)}")
-    with torch.no_grad():
-        out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"model must return logits of shape (B={x.shape[0]}, C), got {shape}")
-    C = out.shape[1]
-    if int(y.min()) < 0 or int(y.max()) >= C:
-        raise ValueError(f"batch {index}: labels must lie in [0, {C}), got [{int(y.min())}, {int(y.max())}]")
-    probs = (out >= 0).all() and (out <= 1).all() and torch.allclose(out.sum(1), torch.ones_like(out[:, 0]))
-    if C > 1 and bool(probs):
-        raise ValueError("model returns probabilities (rows in [0, 1] summing to 1); the attacks need "
-                         "logits: remove the final softmax")
-    return out
 
 
 def _attack_correct(model: nn.Module, atk: Any, x: torch.Tensor, y: torch.Tensor, norm: str,
@@ -262,14 +237,20 @@ def evaluate(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not attacks:
-        raise ValueError("attacks: give at least one attack")
     plan = _eps_plan(attacks, eps)
     for name, value in (("steps", steps), ("restarts", restarts), ("check_examples", check_examples)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        check.integer(name, value)
+    check.integer("max_examples", max_examples, optional=True)
+    check.integer("seed", seed, 0)
+    with check.collect() as warned:
+        result = _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, device, seed, checks,
+                           check_examples, progress, model_name, dataset)
+    result.warnings = warned
+    return result
+
+
+def _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, device, seed, checks,  # noqa: ANN001,ANN202
+              check_examples, progress, model_name, dataset):
     from tqdm.auto import tqdm
 
     if device is not None:
@@ -292,7 +273,7 @@ def evaluate(
                 x, y = x[: max_examples - seen], y[: max_examples - seen]
             if device is not None:
                 x, y = x.to(device), y.to(device)
-            logits = _check_batch(model, x, y, i)
+            logits = check.check_batch(model, x, y, f"batch {i}")
             n_classes = logits.shape[1]
             y = y.long()
             clean = logits.argmax(1) == y
@@ -317,7 +298,11 @@ def evaluate(
                 break
         bar.close()
         if seen == 0:
-            raise ValueError("the loader yielded no examples")
+            raise check.InputError("loader: yielded no examples")
+        if seen < check.FEW_EXAMPLES:
+            lo, hi = wilson_interval(seen // 2, seen)
+            check.warn(f"robustness evaluated on {seen} examples only: a 95% interval at 50% spans "
+                       f"{100 * (hi - lo):.0f} points")
         flat = {k: torch.cat(v) for k, v in correct.items()}
         entries = [_entry(a, ATTACKS[a], e, flat[f"{a}@{e:g}"], seconds[(a, e)]) for a, e in keys]
         worst = []

@@ -10,14 +10,18 @@ with RandomCrop(pad 4) + flip.
 
 Run directory ``out_dir``:
 
-- ``metrics.jsonl``: one JSON line per epoch (loss, accuracy, objective terms, test accuracy,
-  learning rate, seconds);
+- ``metrics.jsonl``: one JSON line per epoch (loss, accuracy, objective terms, test accuracy
+  with the test sample it was measured on, learning rate, seconds);
 - ``checkpoint.json`` + the ``checkpoint-<step>.safetensors`` it names: model and optimiser
   tensors and the torch RNG state in safetensors, everything else (config, objective,
   optimiser and scheduler settings, epoch, step, the file's sha256) in JSON. A checkpoint is
   written every ``checkpoint_every`` steps and at the end of each epoch, atomically (new
   tensor file, then ``os.replace`` of the JSON, then removal of the old tensor file), so an
   interrupted run always leaves one complete checkpoint.
+
+The folder must be new, empty or an earlier ``train`` run's (its ``.lcnn-plugin.json`` marker):
+nothing of the user's is overwritten. The test accuracy is on ``eval_examples`` test images
+drawn uniformly (seeded), not the first ones (ImageFolders are sorted by class).
 
 Exact resume: batch order comes from a generator seeded by (seed, epoch); augmentation and
 every random draw of a step (dropout, attack starts) from ``torch.manual_seed`` of (seed,
@@ -49,10 +53,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import augment, load_dataset
+from . import validate as check
+from .data import augment, load_dataset, shared_splits
 from .objectives import Objective, make_objective, param_groups
 
 FORMAT = "lcnn-plugin-checkpoint/1"
+_META_KEYS = ("tensors", "sha256", "config", "optimizer", "scheduler", "epoch", "step_in_epoch",
+              "global_step", "metrics_lines", "partial_epoch")
 
 __all__ = ["TrainConfig", "TrainResult", "load_checkpoint", "train"]
 
@@ -77,20 +84,25 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
     max_train_examples: int | None = None  # a seeded random subset of this size
-    eval_examples: int | None = 2000  # test examples evaluated after each epoch (None: all)
+    eval_examples: int | None = 2000  # a seeded random sample of the test split, per epoch (None: all)
     convert: dict[str, Any] | None = None  # lcnn_plugin.convert settings applied to the created model
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("lr", "momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
-            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+            check.integer(name, getattr(self, name))
+        for name in ("seed", "checkpoint_every"):
+            check.integer(name, getattr(self, name), 0)
+        for name in ("max_train_examples", "eval_examples"):
+            check.integer(name, getattr(self, name), optional=True)
+        check.number("lr", self.lr, 0, above=True)
+        check.number("momentum", self.momentum, 0)
+        check.number("weight_decay", self.weight_decay, 0)
+        for name in ("model", "data", "data_root"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise check.InputError(f"{name}: expected a non-empty string, got {getattr(self, name)!r}")
+        for name in ("model_kwargs", "objective_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise check.InputError(f"{name}: expected a dict, got {getattr(self, name)!r}")
         make_objective(self.objective, **self.objective_kwargs)  # raises on a bad objective
         if self.convert is not None:
             allowed = {"beta", "spectral_norm", "lipschitz_bn", "gamma", "preserve_function", "exclude",
@@ -114,19 +126,16 @@ class TrainResult:
 def build_model(config: TrainConfig, pretrained: bool = True) -> nn.Module:
     """The run's model: ``timm.create_model(model, **model_kwargs)``, then ``convert`` if set.
     ``pretrained=False`` skips loading pretrained weights (a checkpoint replaces them all)."""
-    import timm
-
-    from . import models  # noqa: F401  (registers the LCNN models)
     from .convert import convert
 
     kwargs = dict(config.model_kwargs)
     if not pretrained:
         kwargs.pop("pretrained", None)
         kwargs.pop("pretrained_cfg_overlay", None)
-    try:
-        model = timm.create_model(config.model, **kwargs)
-    except RuntimeError as e:  # timm: "Unknown model"
-        raise ValueError(f"model: {e}") from e
+    file = kwargs.pop("pretrained_cfg_overlay", {}).get("file") if kwargs.get("pretrained") else None
+    if file is not None:
+        kwargs.pop("pretrained")
+    model = check.timm_model(config.model, pretrained_file=file, **kwargs)
     if config.convert is not None:
         model, _ = convert(model, bound=False, **config.convert)
     return model
@@ -151,6 +160,15 @@ def _read_checkpoint(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{meta_path}: not a readable JSON checkpoint ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: not an lcnn-plugin checkpoint (expected format {FORMAT!r})")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path}: incomplete checkpoint, missing {', '.join(missing)}")
+    saved = meta["config"]
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}) \
+        if isinstance(saved, dict) else None
+    if unknown is None or unknown:
+        why = f"unknown keys {unknown}" if unknown else "not an object"
+        raise ValueError(f"{meta_path}: config is not a TrainConfig ({why})")
     tensor_path = out_dir / str(meta.get("tensors", ""))
     if not tensor_path.is_file():
         raise ValueError(f"{meta_path}: its tensor file {tensor_path.name!r} is missing")
@@ -163,13 +181,21 @@ def _read_checkpoint(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: the weights do not fit the model its config builds "
+                         f"({check._load_error(e)})") from e
+
+
 def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, dict]:
     """The trained model of a run directory (eval mode) and the checkpoint's metadata."""
     meta, tensors = _read_checkpoint(Path(out_dir))
     config = TrainConfig(**meta["config"])
     model = build_model(config, pretrained=False)
-    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    _load_model_state(model, tensors, Path(out_dir) / meta["tensors"])
     return model.eval(), meta
 
 
@@ -213,16 +239,15 @@ def _dist_setup() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def _evaluate(model: nn.Module, data, device: torch.device, limit: int | None) -> float:  # noqa: ANN001
+def _evaluate(model: nn.Module, data, device: torch.device) -> float:  # noqa: ANN001
     was = model.training
     model.eval()
-    hits = n = 0
+    hits = 0
     with torch.no_grad():
-        for x, y in data.batches(500, limit):
+        for x, y in data.batches(500):
             hits += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-            n += len(y)
     model.train(was)
-    return hits / max(n, 1)
+    return hits / len(data)
 
 
 def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False,
@@ -248,6 +273,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         raise ValueError("train: give a TrainConfig (or resume=True)")
     elif (out / "checkpoint.json").exists():
         raise FileExistsError(f"{out}: already holds a run; resume it or choose another directory")
+    else:
+        check.check_dir("out_dir", out, "train")
     config.validate()
     rank, world, dev = _dist_setup()
     if device is not None:
@@ -255,7 +282,12 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
     train_data = load_dataset(config.data, "train", config.data_root, config.download)
-    test_data = load_dataset(config.data, "test", config.data_root, config.download)
+    if shared_splits(config.data):
+        check.warn(f"data: {config.data} has no train/ and test/ sub-folders; the test accuracy is "
+                   "measured on training images")
+    # a seeded sample of the whole test split: ImageFolders are sorted by class
+    test_data = load_dataset(config.data, "test", config.data_root, config.download).sample(
+        config.eval_examples, config.seed)
     n_train = len(train_data) if config.max_train_examples is None else min(config.max_train_examples,
                                                                             len(train_data))
     # the examples used: all, or a seeded random subset (datasets are often sorted by class)
@@ -268,13 +300,16 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
 
     torch.manual_seed(config.seed)
     model = build_model(config, pretrained=meta is None).to(dev)
+    n_classes = len(train_data.classes)
+    check.fits(model, train_data.images[:1].to(dev), train_data.labels, n_classes, f"data {train_data.name}")
+    check.fits(model, test_data.images[:1].to(dev), test_data.labels, n_classes, f"data {test_data.name}")
     objective = objective_saved = make_objective(config.objective, **config.objective_kwargs)
     opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.milestones(), gamma=0.1)
     start_epoch, start_step, global_step, history = 0, 0, 0, []
     metrics_path = out / "metrics.jsonl"
     if meta is not None:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_model_state(model, tensors, out / meta["tensors"])
         opt_state = opt.state_dict()
         for key, v in tensors.items():
             if key.startswith("optim."):
@@ -292,7 +327,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         lines = lines[: meta["metrics_lines"]]
         history = [json.loads(line) for line in lines]
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        check.claim_dir(out, "train")
         # a fresh run starts a fresh log; a resumed one drops lines written after its checkpoint
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     net: nn.Module = model
@@ -345,7 +380,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                       seconds=time.perf_counter() - t0,
                       **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                       train_acc=hits / max(seen, 1),
-                      test_acc=_evaluate(model, test_data, dev, config.eval_examples))
+                      test_acc=_evaluate(model, test_data, dev), test_examples=len(test_data),
+                      test_data=test_data.name)
         if world > 1:
             record["processes"] = world
         history.append(record)

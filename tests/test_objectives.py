@@ -142,7 +142,7 @@ def test_beta_and_gamma_are_not_decayed():
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="objective must be one of"):
+    with pytest.raises(ValueError, match="objective: expected one of"):
         make_objective("trades")
     with pytest.raises(ValueError, match="lambda_grad must be a finite number >= 0"):
         make_objective("gradreg", lambda_grad=-1.0)

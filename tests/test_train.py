@@ -149,7 +149,7 @@ def test_every_subcommand_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     _tiny_run(run)
     assert main(["models", "--json"]) == 0
-    assert "lcnn_resnet10_w16_cifar" in json.loads(capsys.readouterr().out)
+    assert "lcnn_resnet10_w16_cifar" in json.loads(capsys.readouterr().out)["models"]
     assert main(["bound", "lcnn_resnet10_w16_cifar", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["lipschitz"] > 0
     assert main(["curvature", str(run), "--max-examples", "6", "--batch-size", "4", "--json"]) == 0
@@ -175,7 +175,7 @@ def test_every_subcommand_end_to_end(tmp_path, capsys):
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "x"), "--objective", "trades"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lcnn train: error: objective must be one of") and err.count("\n") == 1
+    assert err.startswith("lcnn train: error: objective: expected one of") and err.count("\n") == 1
     assert main(["curvature", str(tmp_path)]) == 2
     assert "without checkpoint.json" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "x"), "--resume", "--epochs", "3"]) == 2

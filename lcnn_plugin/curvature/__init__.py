@@ -15,7 +15,6 @@ for comparison), ``exact`` (dense Hessians, small inputs only) and ``piecewise_l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import linalg
+from .. import validate as check
 from ..fold import fold_batchnorm
 from . import eigen
 from .hvp import ENGINES, HVP, LossFn, per_example_cross_entropy, resolve_engine
@@ -76,20 +76,6 @@ class _EvalNoParamGrad:
         self.model.train(self.training)
 
 
-def _check_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise ValueError("x must be a floating-point tensor of shape (B, ...)")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf")
-    if y is not None:
-        integer = isinstance(y, torch.Tensor) and y.dtype in (torch.int64, torch.int32)
-        if not integer or y.shape != x.shape[:1]:
-            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got {shape}")
-
-
 def measure(
     model: nn.Module,
     x: torch.Tensor,
@@ -128,19 +114,26 @@ def measure(
             model that torch.fx can trace; None (default) folds when it can and says in
             ``options["fold_bn"]`` whether it did; False never folds.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    _check_inputs(model, x, y)
+    check.choice("method", method, METHODS)
+    check.choice("engine", engine, ENGINES)
+    check.integer("max_batch", max_batch, optional=True)
+    check.integer("max_iter", max_iter, optional=True)
+    check.integer("k", k)
+    check.integer("seed", seed, 0)
+    check.number("tol", tol, 0, above=True, optional=True)
+    check.number("eps", eps, 0)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.check_inputs(x, y, "x", unit_box=False)
     loss_fn = loss_fn or per_example_cross_entropy
     gen = torch.Generator(device="cpu").manual_seed(seed)
     chunks = range(0, x.shape[0], max_batch or x.shape[0])
     parts = []
     engine = resolve_engine(engine, model, x)
     with _EvalNoParamGrad(model):
+        if loss_fn is per_example_cross_entropy:  # cross-entropy needs logits over the labels
+            with torch.no_grad():
+                check.check_logits(model(x[:1]), None if y is None else y, 1, "y")
         auto = fold_bn is None
         if auto:
             fold_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -234,8 +227,7 @@ def report(
     """
     from tqdm.auto import tqdm
 
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    check.integer("max_examples", max_examples, optional=True)
     results: list[CurvatureResult] = []
     seen = 0
     bar = tqdm(total=max_examples, disable=not progress, desc="curvature", unit="ex")
@@ -255,7 +247,7 @@ def report(
             break
     bar.close()
     if not results:
-        raise ValueError("the loader yielded no examples")
+        raise check.InputError("loader: yielded no examples")
     values = {name: torch.cat([getattr(r, name) for r in results]).double().cpu()
               for name in ("grad_norm", "hessian_norm", "curvature")}
     stats = {}
@@ -282,9 +274,11 @@ def relative_gradient_robustness(
     Returns a tensor (len(radii), n_samples, B). Labels default to the prediction at x and
     stay fixed under the perturbation.
     """
-    _check_inputs(model, x, y)
-    if any(not (r >= 0 and math.isfinite(r)) for r in radii):
-        raise ValueError(f"radii must be finite and >= 0, got {list(radii)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.check_inputs(x, y, "x", unit_box=False)
+    for r in check.distinct("radii", radii):
+        check.number("radii", r, 0)
     loss_fn = loss_fn or per_example_cross_entropy
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with _EvalNoParamGrad(model):

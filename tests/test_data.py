@@ -54,3 +54,33 @@ def test_image_folder_with_splits(tmp_path):
     assert torch.equal(d.images[3], pixels[("test", "dog", 1)])
     x, y = d.floats(slice(0, 2))
     assert x.dtype == torch.float32 and float(x.max()) <= 1.0
+
+
+def _class_sorted_folder(root, classes: int = 10, per_class: int = 10):
+    gen = torch.Generator().manual_seed(1)
+    for split in ("train", "test"):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for j in range(per_class):
+                arr = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(arr.numpy()).save(root / split / f"c{c}" / f"{j}.png")
+    return root
+
+
+def test_train_evaluates_a_sample_across_every_class(tmp_path):
+    """A class-sorted ImageFolder: the per-epoch test accuracy is on a seeded sample that spans
+    the classes (the first 20 images would be two classes), and equals the trained model's
+    accuracy on exactly the images the metrics name."""
+    from lcnn_plugin.train import TrainConfig, load_checkpoint, train
+
+    data = _class_sorted_folder(tmp_path / "data")
+    cfg = TrainConfig(model="lcnn_resnet10_w16_cifar", objective="standard", data=str(data), epochs=1,
+                      batch_size=20, max_train_examples=40, eval_examples=20, seed=3)
+    record = train(cfg, tmp_path / "run", progress=False).history[0]
+    assert record["test_examples"] == 20 and "seeded random 20 of 100" in record["test_data"]
+    sample = load_dataset(str(data), "test").sample(20, seed=3)
+    assert len(set(sample.labels.tolist())) >= 7  # the first 20 images are 2 classes
+    model = load_checkpoint(tmp_path / "run")[0]
+    x, y = sample.floats()
+    with torch.no_grad():
+        assert record["test_acc"] == float((model(x).argmax(1) == y).double().mean())

@@ -6,9 +6,10 @@ short fine-tune with the LCNN objective (and with LCNN+GradReg), with the curvat
         --data ../shared/data/cifar10_test1000_png --finetune-data ../shared/data/cifar10 \
         --out benchmarks/results/cifar10_robustness
 
-PGD L2 at ε ∈ {0.05, 0.1, 0.15, 0.2} and PGD L∞ at 8/255 (10 steps, α = 2.5ε/10), on the
-first ``--n`` images of an ImageFolder, with the honesty checks; gradient norm, Hessian norm
-and normalised curvature (Lanczos) on the first ``--curvature-n`` of them. With
+PGD L2 at ε ∈ {0.05, 0.1, 0.15, 0.2} and PGD L∞ at 8/255 (10 steps, α = 2.5ε/10), on a
+seeded random ``--n`` images of an ImageFolder (all of them by default), with the honesty
+checks; gradient norm, Hessian norm and normalised curvature (Lanczos) on a seeded random
+``--curvature-n`` of those (ImageFolders are sorted by class: never the first N). With
 ``--finetune-data`` the converted ResNet-20 is fine-tuned (``--steps`` SGD steps of batch 128 at
 lr ``--lr``: 4 epochs over a random subset of steps/4 batches, lr ×0.1 twice in the last epoch;
 run directory under OUT_runs/). Writes OUT.json and OUT.md.
@@ -23,12 +24,11 @@ import time
 from pathlib import Path
 
 import timm
-import torch
-from torchvision import datasets, transforms
 
 import lcnn_plugin  # noqa: F401
 from lcnn_plugin import convert
 from lcnn_plugin.curvature import report as curvature_report
+from lcnn_plugin.data import load_dataset
 from lcnn_plugin.robustness import evaluate
 from lcnn_plugin.train import TrainConfig, train
 
@@ -54,9 +54,9 @@ def main() -> None:
                         "pretrained ReLU net's accuracy within a few steps)")
     p.add_argument("--curvature-n", type=int, default=200, help="images whose curvature is measured (200)")
     args = p.parse_args()
-    ds = datasets.ImageFolder(args.data, transform=transforms.ToTensor())
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(args.n, len(ds)))),
-                                         batch_size=args.batch)
+    data = load_dataset(args.data, "test").sample(args.n, seed=0)
+    curv_data = data.sample(args.curvature_n, seed=1)
+    loader = list(data.batches(args.batch))
     models = {}
     for name, file in CHECKPOINTS.items():
         path = Path(args.pretrained) / file
@@ -93,11 +93,11 @@ def main() -> None:
     for name, (description, model) in models.items():
         model.eval()
         t0 = time.perf_counter()
-        dataset = f"CIFAR-10 test[:{args.n}] ({Path(args.data).name})"
+        dataset = f"CIFAR-10 {data.name}"
         res = evaluate(model, loader, ["pgdl2", "pgd"], {"L2": [0.05, 0.1, 0.15, 0.2], "Linf": [8 / 255]},
                        model_name=name, dataset=dataset)
         secs = time.perf_counter() - t0
-        curv = curvature_report(model, loader, max_examples=args.curvature_n, progress=False)
+        curv = curvature_report(model, curv_data.batches(args.batch), progress=False)
         results.append(dict(res.as_dict(), description=description, seconds=secs, curvature=curv.stats,
                             curvature_n=curv.n))
         md += [f"## {name}: {description}", "", str(res), "", f"(evaluated in {secs:.0f} s on this machine)",
@@ -109,9 +109,8 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps(dict(command=cmd, results=results), indent=1))
     title = "# Robustness on CIFAR-10 test images"
     intro = [title, "", f"Command: `{cmd}`", "",
-             f"Robust accuracy (%) under 10-step PGD on the first {args.n} images; curvature means over "
-             f"the first {args.curvature_n} (per-example cross-entropy, Lanczos). Details and honesty "
-             "checks below.",
+             f"Robust accuracy (%) under 10-step PGD on {data.name}; curvature means over "
+             f"{curv_data.name} (per-example cross-entropy, Lanczos). Details and honesty checks below.",
              "", *summary, ""]
     Path(args.out + ".md").write_text("\n".join([*intro, *md]))
     print("\n".join(md))

@@ -165,9 +165,9 @@ def test_bad_input():
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="NaN or inf"):
         measure(model, x.clone().fill_(float("nan")))
-    with pytest.raises(ValueError, match=r"labels in \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
         measure(model, x, torch.tensor([0, 5]))
-    with pytest.raises(ValueError, match=r"y must be an integer tensor of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"labels must be integers of shape \(2,\)"):
         measure(model, x, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="method"):
         measure(model, x, method="svd")

@@ -133,7 +133,7 @@ def measure(
     with _EvalNoParamGrad(model):
         if loss_fn is per_example_cross_entropy:  # cross-entropy needs logits over the labels
             with torch.no_grad():
-                check.check_logits(model(x[:1]), None if y is None else y, 1, "y")
+                check.check_logits(model(x), y, x.shape[0], "y")
         auto = fold_bn is None
         if auto:
             fold_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

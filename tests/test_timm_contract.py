@@ -32,6 +32,8 @@ def test_default_cfgs_on_the_meta_device(name: str) -> None:
     model.to(torch.float32)
     model.reset_classifier(0)
     assert model(x).shape == (1, model.num_features)
+    model.reset_classifier(0, "")  # no global pooling: the unpooled features
+    assert model(x).shape == feats.shape
     assert cfg["first_conv"] + ".weight" in model.state_dict()
     # every tensor on the requested device; a new head on the model's device and dtype
     fresh = timm.create_model(name, device="meta", dtype=torch.float32)
@@ -66,3 +68,21 @@ def test_fx_forward_and_backward_with_timms_tracer(name: str) -> None:
     assert all(p.grad is not None for p in fx.parameters() if p.requires_grad)
     feats = timm.models.create_feature_extractor(model, return_nodes=[get_graph_node_names(model)[1][-1]])
     assert torch.isfinite(tuple(feats(x).values())[0]).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only_matches_the_forward(name: str) -> None:
+    """timm's features_only wrapper: one map per feature_info entry, of its channels and
+    reduction, and the last one is forward_features' output."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    feats = timm.create_model(name, num_classes=10, features_only=True).eval()
+    src = model.state_dict()  # keys: the model's own, or under the hook wrapper's "body."
+    feats.load_state_dict({k: src[k if k in src else k.split(".", 1)[1]] for k in feats.state_dict()})
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        outs, ref = feats(x), model.forward_features(x)
+    assert [o.shape[1] for o in outs] == feats.feature_info.channels()
+    assert [32 // o.shape[-1] for o in outs] == feats.feature_info.reduction()
+    # untrained deep nets reach large activations: compare relative to their scale
+    torch.testing.assert_close(outs[-1], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

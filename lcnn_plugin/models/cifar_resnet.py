@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..validate import choice
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -54,7 +56,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, n: int = 3, num_classes: int = 10, in_chans: int = 3,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 drop_rate: float = 0.0, device: torch.device | str | None = None,
+                 drop_rate: float = 0.0, global_pool: str = "avg", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
@@ -64,6 +66,9 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CifarResNet: mean and std need {in_chans} values (in_chans)")
         self.num_classes, self.num_features, self.drop_rate = num_classes, 64, drop_rate
         self.head_hidden_size, self.in_chans = 64, in_chans
+        self.pool_type = choice("global_pool", global_pool, ("avg", ""))  # "": no global pooling
+        self.feature_info = [dict(num_chs=c, reduction=r, module=m) for c, r, m in (
+            (16, 1, "act1"), (16, 1, "layer1"), (32, 2, "layer2"), (64, 4, "layer3"))]
         self.register_buffer("mean", torch.tensor(mean, **dd).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, **dd).view(1, -1, 1, 1))
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False, **dd)
@@ -87,7 +92,7 @@ class CifarResNet(nn.Module):
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.dropout(x.mean((2, 3)), self.drop_rate, self.training)
+        x = F.dropout(x.mean((2, 3)) if self.pool_type else x, self.drop_rate, self.training)
         return x if pre_logits else self.linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +102,8 @@ class CifarResNet(nn.Module):
         return self.linear
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            self.pool_type = choice("global_pool", global_pool, ("avg", ""))
         self.num_classes = num_classes
         p = self.conv1.weight  # the model's current device and dtype (after .to())
         dd = dict(device=p.device, dtype=p.dtype)
@@ -112,6 +119,11 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# features_only: hooks on the whole model (its forward normalises the input before conv1);
+# passed as a copy: timm pops from it
+_FEATURES = dict(feature_cls="hook", no_rewrite=True, out_indices=(0, 1, 2, 3))
+
+
 def _strip_prefix(state_dict: dict[str, torch.Tensor], model: CifarResNet) -> dict[str, torch.Tensor]:
     state_dict = state_dict.get("state_dict", state_dict)
     out = {k.removeprefix("module."): v for k, v in state_dict.items()}
@@ -124,11 +136,11 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor], model: CifarResNet) -> di
 def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-20 (He et al. 2016, option A), 0.27M parameters, ImageNet normalisation inside."""
     return build_model_with_cfg(CifarResNet, "cifar_resnet20", pretrained, pretrained_filter_fn=_strip_prefix,
-                                **dict(dict(n=3), **kwargs))
+                                feature_cfg=dict(_FEATURES), **dict(dict(n=3), **kwargs))
 
 
 @register_model
 def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-32 (He et al. 2016, option A), 0.46M parameters, ImageNet normalisation inside."""
     return build_model_with_cfg(CifarResNet, "cifar_resnet32", pretrained, pretrained_filter_fn=_strip_prefix,
-                                **dict(dict(n=5), **kwargs))
+                                feature_cfg=dict(_FEATURES), **dict(dict(n=5), **kwargs))

@@ -226,7 +226,7 @@ class LcnnResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             self.feature_info.append(dict(num_chs=cin, reduction=reduction, module=f"layer{i + 1}"))
         self.num_features = self.head_hidden_size = cin
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = _classifier(cin * self.global_pool.feat_mult(), num_classes, f.dd)
         name_layers(self)
@@ -253,7 +253,7 @@ class LcnnResNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         in_features = self.num_features * self.global_pool.feat_mult()
         p = next(self.parameters())  # the model's current device and dtype (after .to())
         self.fc = _classifier(in_features, num_classes, dict(device=p.device, dtype=p.dtype))

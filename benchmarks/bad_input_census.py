@@ -1,7 +1,7 @@
 """Census of the command line's bad-input matrix (tests/bad_input_cases.py) for whatever
 lcnn_plugin is importable: each case is counted as
 
-- clear: exit status 2, one line on stderr naming the argument or file it is about;
+- clear: exit status 2, one line on stderr naming one of the case's options or argument values;
 - unclear: a non-zero exit whose message is several lines or does not name it;
 - silent: exit status 0 (numbers or files produced from bad input);
 - crash: a Python traceback;
@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bad_input_cases import CLI_CASES, build_workspace, snapshot  # noqa: E402
 
 
-def _subject(argv: list[str]) -> str:
-    """What the case is about: its last option, else the model or folder argument."""
-    flags = [a.split("=")[0] for a in argv if a.startswith("--")]
-    if flags:
-        return flags[-1].lstrip("-")
-    return Path(argv[1]).name
+def _subjects(argv: list[str]) -> list[str]:
+    """What the case may be about: its options (``eps_l2``, ``eps-l2``) and the names of its
+    arguments (a model, a folder's or file's name)."""
+    flags = [a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith("--")]
+    values = [Path(a).name for a in argv[1:] if not a.startswith("--") and a]
+    return [*flags, *(f.replace("-", "_") for f in flags), *values]
 
 
 def main() -> None:
@@ -55,8 +55,7 @@ def main() -> None:
                     status = 1
             text = err.getvalue()
             lines = [line for line in text.splitlines() if line.strip()]
-            subject = _subject(argv).replace("-", "_")
-            names = subject in text.replace("-", "_")
+            names = any(word in text for word in _subjects(argv))
             if "Traceback" in text:
                 kind = "crash"
             elif status == 0:

@@ -70,7 +70,9 @@ def test_fx_forward_and_backward_with_timms_tracer(name: str) -> None:
     assert torch.isfinite(tuple(feats(x).values())[0]).all()
 
 
-@pytest.mark.parametrize("name", MODELS)
+# one model of each class and stem (each first eval forward converges every σ at a new shape)
+@pytest.mark.parametrize("name", ["lcnn_resnet10_w16_cifar", "lcnn_standard_resnet18", "cifar_resnet20",
+                                  "cifar_resnet32"])
 def test_features_only_matches_the_forward(name: str) -> None:
     """timm's features_only wrapper: one map per feature_info entry, of its channels and
     reduction, and the last one is forward_features' output."""

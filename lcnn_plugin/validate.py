@@ -147,19 +147,21 @@ def check_inputs(x: Any, y: Any, where: str, *, unit_box: bool = True) -> None:
             raise InputError(f"{where}: labels must be integers of shape ({x.shape[0]},), got {got}")
 
 
-def check_logits(out: Any, y: torch.Tensor | None, batch: int, where: str) -> None:
-    """A model's output on a batch of ``batch``: logits (B, C), C ≥ 2, not probabilities, with
-    an output for every label."""
+def check_logits(out: Any, y: torch.Tensor | None, batch: int, where: str, *, logits: bool = True) -> None:
+    """A model's output on a batch of ``batch``: (B, C) with an output for every label, and, when
+    ``logits`` (what cross-entropy and the attacks need), C ≥ 2 and not probabilities."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != batch:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"model: must return logits of shape (B={batch}, C), got {got} "
                          "(a feature extractor, e.g. num_classes=0, has no logits)")
     C = out.shape[1]
-    if C < 2:
+    if logits and C < 2:
         raise InputError(f"model: returns {C} output(s) per example; expected logits over >= 2 classes")
     if y is not None and (int(y.min()) < 0 or int(y.max()) >= C):
         raise InputError(f"{where}: labels must lie in [0, {C}) for a model with {C} classes, got "
                          f"[{int(y.min())}, {int(y.max())}]")
+    if not logits:
+        return
     rows = out.detach().double()
     if bool((rows >= 0).all() and (rows <= 1).all() and torch.allclose(rows.sum(1), rows.new_ones(1))):
         raise InputError("model: returns probabilities (rows in [0, 1] summing to 1); expected logits "

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validate import check_logits
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "autograd", "func", "compiled", "triton")
 
@@ -48,14 +50,12 @@ def resolve_engine(engine: str, model: nn.Module, x: torch.Tensor) -> str:
     return "triton" if x.is_cuda and has_csp and triton_available(x.device) else "autograd"
 
 
-def _checked_labels(logits: torch.Tensor, y: torch.Tensor | None, n: int) -> torch.Tensor:
-    if logits.dim() != 2 or logits.shape[0] != n:
-        raise ValueError(f"model must return logits of shape (B={n}, C), got {tuple(logits.shape)}")
+def _checked_labels(logits: torch.Tensor, y: torch.Tensor | None, n: int, loss_fn: LossFn) -> torch.Tensor:
+    """The labels (``y``, or the predicted ones), after :func:`~lcnn_plugin.validate.check_logits`
+    (probabilities and single outputs are refused only for the default cross-entropy)."""
+    check_logits(logits.detach(), y, n, "y", logits=loss_fn is per_example_cross_entropy)
     if y is None:
         return logits.detach().argmax(1)
-    if y.min() < 0 or y.max() >= logits.shape[1]:
-        raise ValueError(f"y must hold labels in [0, {logits.shape[1]}), got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
     return y.to(device=logits.device, dtype=torch.long)
 
 
@@ -105,7 +105,7 @@ class HVP:
             self._x = x.detach().requires_grad_(True)
             with ctx, torch.enable_grad():
                 logits = model(self._x)
-                self.y = _checked_labels(logits, y, n)
+                self.y = _checked_labels(logits, y, n, loss_fn)
                 losses = _checked_losses(logits, self.y, loss_fn)
                 if not losses.requires_grad:
                     raise ValueError("the loss has no differentiable path from the input x")
@@ -120,7 +120,7 @@ class HVP:
         self._model, self._loss_fn = model, loss_fn
         self._x = x.detach()
         with torch.no_grad():
-            self.y = _checked_labels(model(self._x), y, n)
+            self.y = _checked_labels(model(self._x), y, n, loss_fn)
 
         def total(t: torch.Tensor) -> torch.Tensor:
             logits = torch.func.functional_call(model, self._params, (t,))

@@ -86,7 +86,7 @@ def piecewise_linear_curvature(
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = model(x)
-        y = _checked_labels(z, y, x.shape[0])
+        y = _checked_labels(z, y, x.shape[0], loss_fn)
         losses = _checked_losses(z, y, loss_fn)
     B, C = z.shape
     if not losses.requires_grad:

@@ -8,7 +8,6 @@ import math
 import os
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 
 from . import __version__
 from .bound import model_bound
-from .validate import FEW_EXAMPLES, InputError, LcnnWarning, fits, suggest, timm_model
+from .validate import FEW_EXAMPLES, InputError, collect, fits, suggest, timm_model
 
 Payload = tuple[str, dict[str, Any]]  # what a command prints: text, and the JSON object
 
@@ -421,32 +420,21 @@ def _error_line(command: str, e: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("LCNN_DEBUG", "") not in ("", "0")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", LcnnWarning)
-        try:
+    try:
+        with collect(reemit=False) as notes:
             text, payload = args.func(args)
-            status = 0
-        except KeyboardInterrupt:
-            print(f"lcnn {args.command}: interrupted", file=sys.stderr)
-            return 130
-        except Exception as e:  # noqa: BLE001 - every error ends in one line (see _error_line)
-            if debug:
-                raise
-            print(_error_line(args.command, e), file=sys.stderr)
-            status = 2
-    if status:
-        return status  # the error's one line only
-    notes = []
-    for w in caught:
-        if issubclass(w.category, LcnnWarning):
-            if str(w.message) not in notes:
-                notes.append(str(w.message))
-                print(f"lcnn {args.command}: warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    except KeyboardInterrupt:
+        print(f"lcnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error ends in one line (see _error_line)
+        if debug:
+            raise
+        print(_error_line(args.command, e), file=sys.stderr)  # the error's one line only
+        return 2
+    for note in notes:
+        print(f"lcnn {args.command}: warning: {note}", file=sys.stderr)
     print(json.dumps(dict(payload, warnings=notes)) if args.json else text)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,21 +50,21 @@ def warn(message: str) -> None:
 
 
 @contextmanager
-def collect() -> Iterator[list[str]]:
-    """Gather the :class:`LcnnWarning` messages raised inside, and re-emit them on exit."""
+def collect(reemit: bool = True) -> Iterator[list[str]]:
+    """Gather the :class:`LcnnWarning` messages raised inside (each once), and re-emit them on
+    a normal exit when ``reemit``; other warnings pass through."""
     seen: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", LcnnWarning)
-        try:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LcnnWarning)
             yield seen
-        finally:
-            for w in caught:
-                if issubclass(w.category, LcnnWarning):
-                    if str(w.message) not in seen:
-                        seen.append(str(w.message))
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    for message in seen:
+    finally:  # outside the recording: a warning re-emitted inside it would be recorded again
+        for w in caught:
+            if not issubclass(w.category, LcnnWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif str(w.message) not in seen:
+                seen.append(str(w.message))
+    for message in seen if reemit else ():
         warnings.warn(message, LcnnWarning, stacklevel=3)
 
 

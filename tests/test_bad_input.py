@@ -188,3 +188,19 @@ def test_api_warnings(model):
     # Wilson 95% interval of 2/4: 0.5 ± 1.96·sqrt(1/16 + 1.96²/64)/(1 + 1.96²/4) = 0.5 ± 0.350
     assert res.warnings == ["robustness evaluated on 4 examples only: a 95% interval at 50% spans 70 points"]
     assert res.as_dict()["warnings"] == res.warnings
+
+
+def test_collect_records_ours_and_passes_other_warnings_through_once():
+    """Regression: re-emitting a library's warning inside the recording recorded it again, for
+    ever (a 2-process `lcnn train` with a per-step torch warning ran out of memory)."""
+    from lcnn_plugin.validate import collect, warn
+
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        with collect() as notes:
+            warnings.warn("from a library", UserWarning, stacklevel=1)
+            warn("probably not meant")
+            warn("probably not meant")
+    assert notes == ["probably not meant"]
+    assert [(w.category, str(w.message)) for w in outside] == [
+        (UserWarning, "from a library"), (LcnnWarning, "probably not meant")]

@@ -237,22 +237,21 @@ def fits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_classes
     """``model`` takes the data's images and has an output for each of its ``n_classes``
     classes (and labels): one eval forward of one image, the model's mode restored.
     Returns the model's number of outputs."""
+    x = images[:1].float() / 255.0 if images.dtype == torch.uint8 else images[:1]
+    check_inputs(x, None, where)
     was = model.training
     model.eval()
     try:
-        x = images[:1].float() / 255.0 if images.dtype == torch.uint8 else images[:1]
-        try:
-            logits = check_batch(model, x, None, where)
-        except InputError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the model cannot take the images: say which
-            expect = getattr(model, "pretrained_cfg", {}).get("input_size")
-            want = f" (the model's input_size is {tuple(expect)})" if expect else ""
-            shape = tuple(images.shape[1:])
-            raise InputError(f"{where}: images of shape {shape} do not fit the model{want}: "
-                             f"{_first_line(e)}") from e
+        with torch.no_grad():
+            logits = model(x)
+    except Exception as e:  # noqa: BLE001 - the model cannot take the images: say which
+        expect = getattr(model, "pretrained_cfg", {}).get("input_size")
+        want = f" (the model's input_size is {tuple(expect)})" if expect else ""
+        raise InputError(f"{where}: images of shape {tuple(images.shape[1:])} do not fit the model{want}: "
+                         f"{_first_line(e)}") from e
     finally:
         model.train(was)
+    check_logits(logits, None, 1, where)
     C = logits.shape[1]
     top = int(labels.max()) if labels.numel() else -1
     if n_classes > C or top >= C:

@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -290,17 +291,17 @@ def timm_model(name: str, *, pretrained_file: str | Path | None = None, **kwargs
 def _load_error(e: Exception) -> str:
     """One line for a failed weights load (a state_dict mismatch is summarised, not dumped)."""
     text = str(e)
-    if "Error(s) in loading state_dict" in text:
-        parts = []
-        for label in ("Missing key(s)", "Unexpected key(s)", "size mismatch"):
-            n = text.count(label) if label == "size mismatch" else 0
-            if label != "size mismatch" and label in text:
-                keys = text.split(label, 1)[1].split(":", 1)[1].split(". ")[0]
-                n = keys.count('"') // 2
-            if n:
-                parts.append(f"{n} {label.replace('(s)', 's').lower()}")
-        return ("weights of another architecture or number of classes (" + ", ".join(parts) + ")")
-    return f"not a readable weights file ({_first_line(e)})"
+    if "Error(s) in loading state_dict" not in text:
+        return f"not a readable weights file ({_first_line(e)})"
+
+    def quoted(label: str) -> int:  # torch lists keys as "a", "b". after the label
+        found = re.search(re.escape(label) + r" in state_dict: (.*?)\.\s", text + " ", re.S)
+        return found.group(1).count('"') // 2 if found else 0
+
+    counts = {"missing keys": quoted("Missing key(s)"), "unexpected keys": quoted("Unexpected key(s)"),
+              "size mismatches": text.count("size mismatch for ")}
+    found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return f"weights of another architecture or number of classes ({found})"
 
 
 def _first_line(e: BaseException) -> str:

@@ -204,3 +204,13 @@ def test_collect_records_ours_and_passes_other_warnings_through_once():
     assert notes == ["probably not meant"]
     assert [(w.category, str(w.message)) for w in outside] == [
         (UserWarning, "from a library"), (LcnnWarning, "probably not meant")]
+
+
+def test_weights_mismatch_is_counted_not_dumped():
+    from lcnn_plugin.validate import _load_error
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(RuntimeError) as info:  # 0.bias, 1.weight, 1.bias missing; x.y extra; 0.weight 5×3
+        net.load_state_dict({"0.weight": torch.zeros(5, 3), "x.y": torch.zeros(1)})
+    assert _load_error(info.value) == ("weights of another architecture or number of classes "
+                                       "(3 missing keys, 1 unexpected keys, 1 size mismatches)")

@@ -256,6 +256,70 @@ def _quickstart(args: argparse.Namespace) -> Payload:
     return report["text"], report
 
 
+def _names(options: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n for n in text.split(",") if n)
+        for name in names:
+            if name not in options:
+                raise argparse.ArgumentTypeError(f"unknown {name!r}{suggest(name, options)}; choose from "
+                                                 f"{', '.join(options)}")
+            if names.count(name) > 1:
+                raise argparse.ArgumentTypeError(f"{name} given more than once")
+        return names
+
+    parse.__name__ = "list"
+    return parse
+
+
+def _count_or_all(text: str) -> int | str:
+    return text if text == "all" else _count()(text)
+
+
+def _shown(name: str, value: Any) -> str:
+    """A setting as its option would be written."""
+    if isinstance(value, tuple):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)
+    return "all" if value is None and name == "train_examples" else str(value)
+
+
+def _reproduce_args(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`~lcnn_plugin.reproduce.Settings` field, its help naming each preset's value."""
+    import dataclasses
+
+    from .reproduce import MODELS, PRESETS, Settings
+
+    parsers = {"int": _count(), "int | None": _count_or_all, "float": _real(0, above=True), "str": str,
+               "str | None": str, "tuple[float, ...]": lambda t: tuple(_floats(t)),
+               "tuple[str, ...]": _names(tuple(MODELS))}
+    helps = {"arch": "architecture: each model is its timm prefix + this", "models": "comma-separated labels",
+             "data": "dataset name or ImageFolder with train/ and test/",
+             "second_test": "second test set (accuracy only)",
+             "train_examples": "seeded random subset of the train split ('all': every image)",
+             "checkpoint_every": "checkpoint every N steps (0: per epoch)", "eps": "L2 ε of PGD and APGD",
+             "steps": "PGD/APGD steps", "rgr_radii": "‖δ‖ of relative gradient robustness",
+             "rgr_samples": "random directions per example and norm"}
+    for f in dataclasses.fields(Settings):
+        parse = _count(0) if f.name in ("checkpoint_every", "seed") else parsers[f.type]
+        values = "; ".join(f"{k}: {_shown(f.name, v.get(f.name, f.default))}" for k, v in PRESETS.items())
+        p.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None,
+                       help=f"{helps.get(f.name, f.name.replace('_', ' '))} ({values})")
+
+
+def _reproduce(args: argparse.Namespace) -> Payload:
+    import dataclasses
+
+    from .reproduce import Settings, reproduce, settings_for
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    overrides = {k: None if v == "all" else v for k, v in given.items() if v is not None}
+    command = "lcnn " + " ".join(sys.argv[1:])
+    results = reproduce(settings_for(args.preset, **overrides), args.out, progress=not args.no_progress,
+                        command=command)
+    lines = [f"{'holds' if v['holds'] else 'DOES NOT HOLD' if v['holds'] is False else 'not checked'}: "
+             f"{v['claim']}" for v in results["verdicts"]]
+    return f"report: {Path(args.out) / 'report.md'}\n" + "\n".join(lines), results
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lcnn", description="Low-curvature neural networks for timm and torchattacks. "
                 "Errors end with exit status 2 and one line; --debug (or LCNN_DEBUG=1) shows the traceback.")
@@ -381,6 +445,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-bound", action="store_true", help="skip the data-free bounds")
     v.add_argument("--json", action="store_true", help="print JSON instead of text")
     v.set_defaults(func=_convert)
+
+    from .reproduce import PRESETS
+
+    rp = sub.add_parser("reproduce", help="train and evaluate the paper's seven models; a report in the "
+                                          "paper's layout",
+                        description=(
+                            "Train the paper's seven models (standard, LCNN, GradReg, LCNN+GradReg, CURE, "
+                            "softplus+wd, adversarial) with `lcnn train`'s trainer and evaluate each: "
+                            "accuracy, curvature, PGD/APGD-L2 robustness with honesty checks, relative "
+                            "gradient robustness, training cost. Writes results.json, report.md and plots "
+                            "to --out; re-running continues an interrupted run. Every setting of the preset "
+                            "can be overridden; the help of each option lists the presets' values."))
+    rp.add_argument("--preset", default="cifar10-cpu", choices=tuple(PRESETS), help="settings (cifar10-cpu)")
+    rp.add_argument("--out", required=True,
+                    help="output folder (new, or an earlier reproduction to continue)")
+    _reproduce_args(rp)
+    rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rp.add_argument("--json", action="store_true", help="print results.json instead of the verdicts")
+    rp.set_defaults(func=_reproduce)
 
     m = sub.add_parser("models", help="list the registered timm models")
     m.add_argument("--filter", default="lcnn_*", help="timm name pattern (default lcnn_*)")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import plots
 from . import validate as check
 from .curvature import report as curvature_report
 from .data import load_dataset
@@ -28,31 +29,11 @@ EPS_L2 = (1.0, 2.0, 3.0)
 
 
 def _plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = list(rows)
-    for i, key in enumerate(("grad_norm", "hessian_norm", "curvature")):
-        a1.bar([j + 0.27 * i for j in range(len(names))], [rows[n][key] for n in names], width=0.27,
-               label={"grad_norm": "E‖∇f‖", "hessian_norm": "E‖∇²f‖", "curvature": "E C_f"}[key])
-    a1.set_xticks([j + 0.27 for j in range(len(names))], names)
-    a1.set_yscale("log")
-    a1.set_title("input geometry (test images)")
-    a1.legend()
-    for n in names:
-        eps = [0.0, *EPS_L2]
-        accs = [rows[n]["accuracy"], *[rows[n]["robust"][f"{e:g}"] for e in EPS_L2]]
-        a2.plot(eps, [100 * a for a in accs], "o-", label=n)
-    a2.set_xlabel("PGD-L2 ε")
-    a2.set_ylabel("accuracy (%)")
-    a2.set_title("robust accuracy")
-    a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    eps = [0.0, *EPS_L2]
+    curves = {n: (eps, [r["accuracy"], *[r["robust"][f"{e:g}"] for e in EPS_L2]], None)
+              for n, r in rows.items()}
+    plots.save(str(path), [lambda ax: plots.geometry_bars(ax, rows),
+                           lambda ax: plots.accuracy_curves(ax, curves, "PGD-L2 ε")], (9, 3.5))
 
 
 def run(out: str | Path = "lcnn-quickstart", *, epochs: int = 4, train_examples: int = 3200,

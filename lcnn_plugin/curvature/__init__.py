@@ -298,25 +298,3 @@ def relative_gradient_robustness(
                 out[i, s] = ((g - g0).norm(dim=1) / g0.norm(dim=1).clamp_min(1e-30)).double().cpu()
     return out
 
-
-def plot_relative_gradient_robustness(
-    curves: dict[str, torch.Tensor], radii: Sequence[float], path: str
-) -> None:
-    """Plot mean r(x, δ) against ‖δ‖ for each named result of
-    :func:`relative_gradient_robustness` and save it to ``path`` (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, r in curves.items():
-        flat = r.flatten(1)
-        ax.errorbar(list(radii), flat.mean(1).tolist(), yerr=flat.std(1).tolist(), label=name, capsize=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("‖δ‖₂ (pixels)")
-    ax.set_ylabel("‖∇f(x+δ) − ∇f(x)‖ / ‖∇f(x)‖")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

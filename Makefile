@@ -1,6 +1,6 @@
 # make test   — the test suite (as CI runs it)
 # make bench  — all benchmark suites; JSON and a markdown summary under benchmarks/results/
-#               (pass options with BENCH_ARGS, e.g. BENCH_ARGS="--bench-models lcnn_resnet18_cifar")
+#               (pass options with BENCH_ARGS, e.g. BENCH_ARGS="--lcnn-models lcnn_resnet18_cifar")
 PYTHON ?= python
 BENCH_OUT ?= benchmarks/results/latest
 
@@ -11,8 +11,8 @@ test:
 bench:
 	mkdir -p benchmarks/results
 	$(PYTHON) -m pytest benchmarks -q --benchmark-json=$(BENCH_OUT).json $(BENCH_ARGS)
-	$(PYTHON) benchmarks/summarize.py $(BENCH_OUT).json > $(BENCH_OUT).md
+	lcnn bench-report $(BENCH_OUT).json > $(BENCH_OUT).md
 
 bench-smoke:
-	$(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable --bench-models lcnn_resnet18_cifar \
-		--bench-batch 2 --bench-size 8 --bench-examples 4 --bench-gpu-batch 4
+	$(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable --lcnn-models lcnn_resnet18_cifar \
+		--bench-batch 2 --bench-size 8 --lcnn-examples 4 --lcnn-batch-size 4 --bench-gpu-batch 4

@@ -1,4 +1,7 @@
-"""Options and shared fixtures of the benchmark suites, selectable on the pytest command line."""
+"""Options and shared fixtures of the benchmark suites, selectable on the pytest command line.
+
+Models, data, attacks and example counts are the options of the package's pytest plugin
+(``--lcnn-models`` etc., ``pytest --help``); the options below are the suites' own sizes."""
 
 from __future__ import annotations
 
@@ -11,12 +14,11 @@ import timm
 import torch
 
 import lcnn_plugin  # noqa: F401  (registers the models)
+from lcnn_plugin.pytest_plugin import options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lcnn benchmarks")
-    group.addoption("--bench-models", default="lcnn_resnet18_cifar,lcnn_standard_resnet18_cifar",
-                    help="comma-separated timm model names")
     group.addoption("--bench-batch", type=int, default=32, help="batch size (32)")
     group.addoption("--bench-size", type=int, default=32, help="input height and width (32)")
     group.addoption("--bench-gpu-batch", type=int, default=128, help="batch size of the GPU benchmarks (128)")
@@ -25,19 +27,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-train-model", default="lcnn_resnet18_cifar",
                     help="model of the training-step suite (lcnn_resnet18_cifar)")
     group.addoption("--bench-train-batch", type=int, default=64, help="batch of the training-step suite (64)")
-    group.addoption("--bench-data", default=None,
-                    help="ImageFolder of test images for the robustness suite (default: random images "
-                         "labelled by the model's own prediction)")
-    group.addoption("--bench-examples", type=int, default=64, help="examples of the robustness suite (64)")
     group.addoption("--bench-convert-models", default="resnet18,cifar_resnet20",
                     help="comma-separated timm models of the convert/strip suite (resnet18,cifar_resnet20)")
-    group.addoption("--bench-eps", default="0.0078431,0.0156863,0.0313725",
-                    help="comma-separated L-inf ε of the robustness suite (2/255, 4/255, 8/255)")
+
+
+DEFAULT_MODELS = "lcnn_resnet18_cifar,lcnn_standard_resnet18_cifar"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suites' models are the plugin's --lcnn-models (these two by default)."""
+    if not config.getoption("--lcnn-models"):
+        config.option.lcnn_models = DEFAULT_MODELS
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "model_name" in metafunc.fixturenames:
-        names = [n for n in metafunc.config.getoption("--bench-models").split(",") if n]
+    if "model_name" in metafunc.fixturenames:  # the suites that build their own timm models
+        specs = options(metafunc.config).models
+        names = [s.target for s in specs if s.kind == "timm" and not s.weights]
         metafunc.parametrize("model_name", names, scope="module")
 
 

@@ -133,24 +133,19 @@ def _train(args: argparse.Namespace) -> Payload:
     return text, dict(out=str(result.out_dir), history=result.history)
 
 
-def _load_model(spec: str, num_classes: int, pretrained_file: str | None) -> torch.nn.Module:
-    """A run directory written by ``lcnn train``, or a timm model name (eval mode)."""
-    from .train import load_checkpoint
+def _load_model(text: str, num_classes: int, pretrained_file: str | None) -> torch.nn.Module:
+    """A model specification (:mod:`lcnn_plugin.spec`), in eval mode."""
+    import dataclasses
 
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / "checkpoint.json").exists():
-            raise InputError(f"model: {spec} is a folder without checkpoint.json (not an `lcnn train` run)")
-        if pretrained_file:
-            raise InputError("--pretrained-file: applies to a timm model name, not to the run folder "
-                             f"{spec}")
-        return load_checkpoint(path)[0]
-    if os.sep in spec or "/" in spec or spec.startswith((".", "~")):
-        parent = path.parent
-        runs = [str(p) for p in parent.iterdir() if (p / "checkpoint.json").exists()] \
-            if parent.is_dir() else []
-        raise InputError(f"model: no run folder {spec}{suggest(spec, runs)}")
-    return timm_model(spec, num_classes=num_classes, pretrained_file=pretrained_file).eval()
+    from .spec import parse
+
+    spec = parse(text)
+    if pretrained_file:
+        if spec.kind != "timm" or spec.weights:
+            what = {"run": "the run folder", "factory": "the factory"}.get(spec.kind, "a NAME=WEIGHTS model")
+            raise InputError(f"--pretrained-file: applies to a timm model name, not to {what} {text}")
+        spec = dataclasses.replace(spec, weights=pretrained_file)
+    return spec.load(num_classes if spec.kind == "timm" else None)
 
 
 def _dataset(args: argparse.Namespace, model: torch.nn.Module, n: int, seed: int):  # noqa: ANN202
@@ -163,7 +158,8 @@ def _dataset(args: argparse.Namespace, model: torch.nn.Module, n: int, seed: int
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run directory of `lcnn train`, or a timm model name")
+    p.add_argument("model", help="a timm model name, NAME=WEIGHTS_FILE, a run directory of `lcnn train`, or "
+                                 "module:function returning a torch.nn.Module")
     p.add_argument("--num-classes", type=_count(2), default=10, help="classes of a timm model (10)")
     p.add_argument("--pretrained-file", default=None, help="weights file for a timm model name")
     p.add_argument("--data", default="synthetic",
@@ -320,6 +316,24 @@ def _reproduce(args: argparse.Namespace) -> Payload:
     return f"report: {Path(args.out) / 'report.md'}\n" + "\n".join(lines), results
 
 
+def _bench_report(args: argparse.Namespace) -> Payload:
+    from . import bench_report
+    from .validate import check_dir, claim_dir
+
+    data = bench_report.load(args.file)
+    if args.out is None:
+        text = bench_report.markdown(data)
+        return text, dict(markdown=text)
+    out = Path(args.out)
+    check_dir("--out", out, "bench-report")
+    claim_dir(out, "bench-report")
+    plotted = bench_report.plot(data, out / "robust_accuracy.png")
+    text = bench_report.markdown(data, "robust_accuracy.png" if plotted else None)
+    (out / "report.md").write_text(text)
+    files = ["report.md"] + (["robust_accuracy.png"] if plotted else [])
+    return f"wrote {', '.join(str(out / f) for f in files)}", dict(markdown=text, out=str(out), files=files)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lcnn", description="Low-curvature neural networks for timm and torchattacks. "
                 "Errors end with exit status 2 and one line; --debug (or LCNN_DEBUG=1) shows the traceback.")
@@ -402,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("robustness", help="clean and robust accuracy under torchattacks, with honesty checks")
     _model_args(r)
     r.add_argument("--attacks", type=_attack_names, default=["pgd", "apgd"],
-                   help="comma-separated: fgsm, pgd, pgdl2, apgd, apgdl2, autoattack, autoattackl2 "
-                        "(pgd,apgd)")
+                   help="comma-separated: fgsm, pgd, pgdl2, apgd, apgdl2, autoattack, autoattackl2 (the "
+                        "standard protocol), autoattack-fast, autoattackl2-fast (torchattacks' 10-iteration "
+                        "default) (pgd,apgd)")
     r.add_argument("--eps-linf", type=_floats, default=[2 / 255, 4 / 255, 8 / 255],
                    help="L-inf ε sweep (2/255,4/255,8/255)")
     r.add_argument("--eps-l2", type=_floats, default=[0.1, 0.25, 0.5], help="L2 ε sweep (0.1,0.25,0.5)")
@@ -464,6 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-progress", action="store_true", help="no progress bars")
     rp.add_argument("--json", action="store_true", help="print results.json instead of the verdicts")
     rp.set_defaults(func=_reproduce)
+
+    br = sub.add_parser("bench-report", help="a pytest-benchmark JSON file as a markdown report and a plot",
+                        description="Tables of the lcnn-plugin benchmark fixtures (robust accuracy with "
+                                    "95%% intervals, protocols and honesty checks; curvature; throughput "
+                                    "against a twin), every other benchmark's time, and a plot of robust "
+                                    "accuracy against ε per model.")
+    br.add_argument("file", help="JSON written by pytest --benchmark-json=FILE")
+    br.add_argument("--out", default=None,
+                    help="folder for report.md and robust_accuracy.png (default: the markdown on stdout, "
+                         "no plot)")
+    br.add_argument("--json", action="store_true", help="print JSON instead of text")
+    br.set_defaults(func=_bench_report)
 
     m = sub.add_parser("models", help="list the registered timm models")
     m.add_argument("--filter", default="lcnn_*", help="timm name pattern (default lcnn_*)")

@@ -10,7 +10,20 @@ of checks that expose gradient masking:
 - ``stronger_attack``: 4× the steps and one more restart do not raise it beyond ``tol``;
 - ``large_eps``: at an ε that covers the whole input box it falls to ≤ 5%;
 - ``apgd_not_weaker``: APGD / AutoAttack is not weaker than PGD at the same norm and ε;
-- ``gradients``: input gradients of the loss are finite and non-zero.
+- ``gradients``: input gradients of the loss are finite and non-zero;
+- ``deterministic``: two forwards of the same batch agree, and an example's logits do not
+  depend on the rest of its batch (a randomised or batch-dependent model defeats the attacks);
+- ``square_not_stronger`` (with ``autoattack`` / ``autoattackl2``; AutoAttack's own flag): the
+  black-box Square attack breaks no more than 0.2% of the examples that the white-box attacks
+  left standing.
+
+AutoAttack: ``autoattack`` / ``autoattackl2`` run the standard protocol of Croce & Hein (2020),
+the one RobustBench reports (:class:`StandardAutoAttack`: APGD-CE 100 iterations, APGD-T over the
+9 most likely other classes with 100 iterations each, FAB-T over 9 targets with 100 iterations,
+Square with 5000 queries, each on the examples still standing); ``autoattack-fast`` /
+``autoattackl2-fast`` are torchattacks' ``AutoAttack(version="standard")`` with its default
+10 iterations, a cheaper and weaker variant. Every figure names its protocol
+(:func:`protocol`) and its evaluation time.
 
 A model that fails one is flagged (``result.flagged``): its figures may be an artefact of
 masked gradients rather than robustness. ``tol`` is max(2/n, 1%) over the n examples a
@@ -39,10 +52,11 @@ from . import validate as check
 NORMS = ("Linf", "L2")
 # name: norm of the attack
 ATTACKS = {"fgsm": "Linf", "pgd": "Linf", "pgdl2": "L2", "apgd": "Linf", "apgdl2": "L2",
-           "autoattack": "Linf", "autoattackl2": "L2"}
+           "autoattack": "Linf", "autoattackl2": "L2", "autoattack-fast": "Linf", "autoattackl2-fast": "L2"}
 _ITERATIVE = ("pgd", "pgdl2", "apgd", "apgdl2")
 
-__all__ = ["ATTACKS", "Check", "Entry", "RobustnessResult", "build_attack", "evaluate", "wilson_interval"]
+__all__ = ["ATTACKS", "Check", "Entry", "RobustnessResult", "StandardAutoAttack", "build_attack", "evaluate",
+           "protocol", "wilson_interval"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -56,10 +70,81 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+class StandardAutoAttack:
+    """The standard AutoAttack (Croce & Hein, 2020; RobustBench's protocol) from torchattacks'
+    components: APGD-CE (100 iterations), APGD-T (100 iterations for each of the
+    ``n_targets`` most likely other classes), FAB-T (likewise) and Square (5000 queries), one
+    restart each, every component seeded with ``seed`` and run only on the examples that are
+    still classified correctly. After a call, :attr:`broken_by` holds for each example the
+    index in :attr:`COMPONENTS` of the attack that broke it (-1: still robust, -2: misclassified
+    when clean)."""
+
+    COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+    def __init__(self, model: nn.Module, norm: str, eps: float, n_classes: int, *, seed: int = 0,
+                 steps: int = 100, n_queries: int = 5000, n_targets: int = 9) -> None:
+        import torchattacks
+
+        check.choice("norm", norm, NORMS)
+        self.model, self.norm, self.eps = model, norm, eps
+        targets = min(n_targets, n_classes - 1)
+        apgdt = torchattacks.APGDT(model, norm=norm, eps=eps, steps=steps, n_restarts=1, seed=seed,
+                                   n_classes=n_classes)
+        fabt = torchattacks.FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=1, seed=seed,
+                                multi_targeted=True, n_classes=n_classes)
+        apgdt.n_target_classes = fabt.n_target_classes = targets  # the protocol: the top 9 targets
+        self.attacks = [
+            torchattacks.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=1, loss="ce", seed=seed),
+            apgdt, fabt,
+            torchattacks.Square(model, norm=norm, eps=eps, n_queries=n_queries, n_restarts=1, p_init=0.8,
+                                loss="margin", resc_schedule=True, seed=seed),
+        ]
+        self.broken_by = torch.empty(0, dtype=torch.long)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            standing = self.model(x).argmax(1) == y
+        broken_by = torch.where(standing, -1, -2)
+        adv = x.clone()
+        for i, atk in enumerate(self.attacks):
+            idx = standing.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            a = atk(x[idx], y[idx])
+            with torch.no_grad():
+                wrong = self.model(a).argmax(1) != y[idx]
+            adv[idx[wrong]] = a[wrong]
+            standing[idx[wrong]] = False
+            broken_by[idx[wrong]] = i
+        self.broken_by = broken_by.cpu()
+        return adv
+
+
+_SQUARE = StandardAutoAttack.COMPONENTS.index("square")
+
+
+def protocol(name: str, steps: int = 10, restarts: int = 1) -> str:
+    """How attack ``name`` is run, in words (the label of its figures)."""
+    check.choice("attack", name, tuple(ATTACKS))
+    norm = ATTACKS[name]
+    if name == "fgsm":
+        return "FGSM (L∞, one step of ε)"
+    if name in ("pgd", "pgdl2"):
+        return f"PGD-{norm}, {steps} steps, α = 2.5ε/{steps}, random start"
+    if name in ("apgd", "apgdl2"):
+        return f"APGD-CE-{norm}, {steps} iterations, {restarts} restart{'s' if restarts > 1 else ''}"
+    if name.endswith("-fast"):
+        return (f"AutoAttack-fast {norm} (torchattacks' AutoAttack 'standard' at its default 10 iterations: "
+                "APGD-CE, APGD-T, FAB-T; Square 5000 queries) — weaker than the standard protocol")
+    return (f"AutoAttack standard {norm} (Croce & Hein 2020: APGD-CE 100 it., APGD-T 9 targets × 100 it., "
+            "FAB-T 9 targets × 100 it., Square 5000 queries)")
+
+
 def build_attack(name: str, model: nn.Module, eps: float, *, steps: int = 10, restarts: int = 1,
                  seed: int = 0, n_classes: int = 10) -> Any:
     """A torchattacks attack by our name (see :data:`ATTACKS`), with the step size
-    α = 2.5·ε/steps for PGD (Madry et al.) and explicit seeds for APGD and AutoAttack."""
+    α = 2.5·ε/steps for PGD (Madry et al.) and explicit seeds for APGD and AutoAttack
+    (``steps`` and ``restarts`` do not apply to AutoAttack: its protocol fixes them)."""
     import torchattacks
 
     check.choice("attack", name, tuple(ATTACKS))
@@ -77,8 +162,10 @@ def build_attack(name: str, model: nn.Module, eps: float, *, steps: int = 10, re
         return torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
     if name in ("apgd", "apgdl2"):
         return torchattacks.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed)
-    return torchattacks.AutoAttack(model, norm=norm, eps=eps, version="standard", n_classes=n_classes,
-                                   seed=seed)
+    if name.endswith("-fast"):
+        return torchattacks.AutoAttack(model, norm=norm, eps=eps, version="standard", n_classes=n_classes,
+                                       seed=seed)
+    return StandardAutoAttack(model, norm, eps, n_classes, seed=seed)
 
 
 @dataclass
@@ -92,6 +179,7 @@ class Entry:
     robust_acc: float
     ci95: tuple[float, float]
     seconds: float
+    protocol: str = ""
 
 
 @dataclass
@@ -125,7 +213,7 @@ class RobustnessResult:
         """RobustBench-style rows: model, dataset, norm, eps, attack, n_examples, clean_acc, robust_acc."""
         return [dict(model=self.model, dataset=self.dataset, norm=e.norm, eps=e.eps, attack=e.attack,
                      n_examples=e.n, clean_acc=self.clean_acc, robust_acc=e.robust_acc,
-                     robust_acc_ci95=list(e.ci95))
+                     robust_acc_ci95=list(e.ci95), protocol=e.protocol, seconds=e.seconds)
                 for e in self.entries + self.worst_case]
 
     def as_dict(self) -> dict[str, Any]:
@@ -138,13 +226,15 @@ class RobustnessResult:
         return json.dumps(self.as_dict(), **kwargs)
 
     def table(self) -> str:
-        head = ("| model | dataset | norm | eps | attack | n | clean acc | robust acc (95% CI) |\n"
-                + "|---" * 8 + "|")
+        head = ("| model | dataset | norm | eps | attack | n | clean acc | robust acc (95% CI) | seconds |\n"
+                + "|---" * 9 + "|")
         rows = [f"| {r['model']} | {r['dataset']} | {r['norm']} | {r['eps']:.4g} | {r['attack']} | "
                 f"{r['n_examples']} | {100 * r['clean_acc']:.1f} | {100 * r['robust_acc']:.1f} "
-                f"({100 * r['robust_acc_ci95'][0]:.1f}–{100 * r['robust_acc_ci95'][1]:.1f}) |"
+                f"({100 * r['robust_acc_ci95'][0]:.1f}–{100 * r['robust_acc_ci95'][1]:.1f}) | "
+                f"{r['seconds']:.1f} |"
                 for r in self.summary_rows()]
-        return "\n".join([head, *rows])
+        protocols = {e.attack: e.protocol for e in self.entries}
+        return "\n".join([head, *rows, "", "protocols:", *[f"  {a}: {how}" for a, how in protocols.items()]])
 
     def __str__(self) -> str:
         lines = [self.table(), "", "honesty checks:"]
@@ -194,6 +284,8 @@ def _attack_correct(model: nn.Module, atk: Any, x: torch.Tensor, y: torch.Tensor
                     eps: float, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     adv = atk(x, y)
+    if not bool(torch.isfinite(adv).all()):  # NaN would pass every comparison below
+        raise RuntimeError(f"{type(atk).__name__} returned non-finite adversarial examples")
     delta = (adv - x).flatten(1)
     size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
     if (size > eps * (1 + 1e-4) + 1e-6).any() or adv.min() < 0 or adv.max() > 1:
@@ -260,6 +352,7 @@ def _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, devic
     correct: dict[str, list[torch.Tensor]] = {"clean": []}
     correct.update({f"{a}@{e:g}": [] for a, e in keys})
     seconds = dict.fromkeys(keys, 0.0)
+    square_breaks = {k: 0 for k in keys if isinstance(k[0], str) and k[0] in ("autoattack", "autoattackl2")}
     kept: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # a uniform sample of (x, y, index)
     reservoir = torch.Generator().manual_seed(seed)
     n_classes = seen = 0
@@ -284,6 +377,8 @@ def _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, devic
                 t0 = time.perf_counter()
                 ok = _attack_correct(model, atk, x, y, ATTACKS[a], e, seed + i)
                 seconds[(a, e)] += time.perf_counter() - t0
+                if isinstance(atk, StandardAutoAttack):
+                    square_breaks[(a, e)] += int((atk.broken_by == _SQUARE).sum())
                 correct[f"{a}@{e:g}"].append((ok & clean).cpu())
             for j in range(x.shape[0]):  # reservoir sampling: loaders are often sorted by class
                 if seen + j < check_examples:
@@ -304,21 +399,23 @@ def _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, devic
             check.warn(f"robustness evaluated on {seen} examples only: a 95% interval at 50% spans "
                        f"{100 * (hi - lo):.0f} points")
         flat = {k: torch.cat(v) for k, v in correct.items()}
-        entries = [_entry(a, ATTACKS[a], e, flat[f"{a}@{e:g}"], seconds[(a, e)]) for a, e in keys]
+        entries = [_entry(a, ATTACKS[a], e, flat[f"{a}@{e:g}"], seconds[(a, e)], protocol(a, steps, restarts))
+                   for a, e in keys]
         worst = []
         for norm in NORMS:
             for e in sorted({e for a, e in keys if ATTACKS[a] == norm}):
                 names = [a for a, ee in keys if ATTACKS[a] == norm and ee == e]
                 if len(names) > 1:
                     both = torch.stack([flat[f"{a}@{e:g}"] for a in names]).all(0)
-                    worst.append(_entry("worst-case", norm, e, both, 0.0))
+                    worst.append(_entry("worst-case", norm, e, both, sum(seconds[(a, e)] for a in names),
+                                        "per-example worst case of " + ", ".join(names)))
         check_list: list[Check] = []
         check_indices: list[int] = []
         if checks:
             xs, ys = torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept])
             idx = torch.tensor([k[2] for k in kept])
             check_list = _honesty_checks(model, xs, ys, idx, entries, flat, plan, steps, restarts, seed,
-                                         n_classes)
+                                         n_classes, square_breaks)
             check_indices = idx.tolist()
     clean_all = flat["clean"]
     k = int(clean_all.sum())
@@ -329,16 +426,17 @@ def _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, devic
                             wilson_interval(k, seen), entries, worst, check_list, settings, flat)
 
 
-def _entry(attack: str, norm: str, eps: float, ok: torch.Tensor, seconds: float) -> Entry:
+def _entry(attack: str, norm: str, eps: float, ok: torch.Tensor, seconds: float, how: str) -> Entry:
     n, k = len(ok), int(ok.sum())
-    return Entry(attack, norm, float(eps), n, k / n, wilson_interval(k, n), seconds)
+    return Entry(attack, norm, float(eps), n, k / n, wilson_interval(k, n), seconds, how)
 
 
 def _tol(n: int) -> float:
     return max(2.0 / n, 0.01)
 
 
-def _honesty_checks(model, x, y, idx, entries, flat, plan, steps, restarts, seed, n_classes) -> list[Check]:  # noqa: ANN001
+def _honesty_checks(model, x, y, idx, entries, flat, plan, steps, restarts, seed, n_classes,  # noqa: ANN001
+                    square_breaks) -> list[Check]:
     out = []
     n_all = len(flat["clean"])
     # 1. monotone in ε
@@ -379,8 +477,8 @@ def _honesty_checks(model, x, y, idx, entries, flat, plan, steps, restarts, seed
                      f"{norm} PGD at ε={big:.4g} (the whole input box) leaves {100 * acc:.1f}% robust"))
     # 4. APGD / AutoAttack not weaker than PGD
     bad, compared = [], 0
-    for strong_name, weak_name in (("apgd", "pgd"), ("autoattack", "pgd"), ("apgdl2", "pgdl2"),
-                                   ("autoattackl2", "pgdl2")):
+    for strong_name in [a for a in ATTACKS if a.startswith(("apgd", "autoattack"))]:
+        weak_name = "pgd" if ATTACKS[strong_name] == "Linf" else "pgdl2"
         for e in set(plan.get(strong_name, ())) & set(plan.get(weak_name, ())):
             compared += 1
             s = float(flat[f"{strong_name}@{e:g}"].double().mean())
@@ -402,4 +500,20 @@ def _honesty_checks(model, x, y, idx, entries, flat, plan, steps, restarts, seed
         out.append(Check("gradients", finite and zero == 0,
                          f"{'finite' if finite else 'NOT finite'}; {zero} of {n} examples have a zero "
                          f"input gradient; median norm {float(norms.median()):.3g}"))
+    # 6. a deterministic, per-example function (AutoAttack's randomised / dynamic-model flags)
+    with torch.no_grad():
+        first, again = model(x), model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(min(n, 8))])
+    scale = float(first.abs().max()) + 1e-12
+    drift = float((first - again).abs().max()) / scale
+    batch_dep = float((first[: len(alone)] - alone).abs().max()) / scale
+    out.append(Check("deterministic", drift <= 1e-4 and batch_dep <= 1e-4,
+                     f"two forwards differ by {drift:.2g}, one example alone vs in its batch by "
+                     f"{batch_dep:.2g} (relative to the largest logit; ≤ 1e-4 expected)"))
+    # 7. AutoAttack's own flag: the black-box Square attack must not beat the white-box ones
+    for (a, e), k in square_breaks.items():
+        frac = k / n_all
+        out.append(Check("square_not_stronger", frac <= 0.002,
+                         f"{a} at ε={e:g}: Square broke {k} of {n_all} examples ({100 * frac:.1f}%) that "
+                         "APGD-CE, APGD-T and FAB-T left standing (AutoAttack flags > 0.2%)"))
     return out

@@ -34,7 +34,7 @@ FEW_EXAMPLES = 100  # fewer evaluated examples than this: a warning (the 95% int
 __all__ = [
     "FEW_EXAMPLES", "MARKER", "InputError", "LcnnWarning", "check_batch", "check_dir", "check_inputs",
     "check_logits", "choice", "claim_dir", "collect", "distinct", "fits", "integer", "number", "owner",
-    "suggest", "timm_model", "warn", "writable",
+    "suggest", "timm_model", "timm_name", "warn", "writable",
 ]
 
 
@@ -261,18 +261,26 @@ def fits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_classes
     return C
 
 
-def timm_model(name: str, *, pretrained_file: str | Path | None = None, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, **kwargs)`` with one-line errors: an unknown name with the
-    closest registered one, a missing, unreadable or mismatched ``pretrained_file``."""
+def timm_name(name: Any, where: str = "model") -> str:
+    """A registered timm model name (an error names the closest one)."""
     import timm
 
     from . import models  # noqa: F401  (registers the LCNN models)
 
     if not isinstance(name, str) or not name:
-        raise InputError(f"model: expected a timm model name, got {name!r}")
+        raise InputError(f"{where}: expected a timm model name, got {name!r}")
     arch = timm.models.split_model_name_tag(name)[0]
     if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.models.is_model(arch):
-        raise InputError(f"model: unknown timm model {name!r}{suggest(arch, timm.list_models())}")
+        raise InputError(f"{where}: unknown timm model {name!r}{suggest(arch, timm.list_models())}")
+    return name
+
+
+def timm_model(name: str, *, pretrained_file: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` with one-line errors: an unknown name with the
+    closest registered one, a missing, unreadable or mismatched ``pretrained_file``."""
+    import timm
+
+    timm_name(name)
     if "num_classes" in kwargs:
         integer("num_classes", kwargs["num_classes"], 2)
     if pretrained_file is not None:

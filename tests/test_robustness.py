@@ -75,7 +75,8 @@ def test_honesty_checks_quiet_on_a_normal_model(trained):
     assert res.clean_acc >= 0.9
     assert not res.flagged, str(res)
     names = {c.name for c in res.checks}
-    assert names == {"monotone_eps", "stronger_attack", "large_eps", "apgd_not_weaker", "gradients"}
+    assert names == {"monotone_eps", "stronger_attack", "large_eps", "apgd_not_weaker", "gradients",
+                     "deterministic"}
     for w in res.worst_case:  # worst case = an example survives every attack
         ok = torch.stack([res.correct[f"{a}@{w.eps:g}"] for a in ("pgd", "apgd")]).all(0)
         assert w.robust_acc == ok.double().mean().item()
@@ -116,6 +117,96 @@ def test_checks_sample_examples_across_a_sorted_loader(trained):
     assert len(set(y[order][:16].tolist())) <= 2 < len(set(y[order][idx].tolist()))
     detail = next(c.detail for c in res.checks if c.name == "stronger_attack")
     assert "on 16 examples" in detail
+
+
+class Noisy(nn.Module):
+    """A randomised model: fresh input noise on every forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x + 0.05 * torch.randn_like(x))
+
+
+class BatchCentred(nn.Module):
+    """A batch-dependent model: logits centred on the batch mean (like BatchNorm in training)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x - x.mean(0, keepdim=True) + 0.5)
+
+
+@pytest.mark.parametrize("wrapper", [Noisy, BatchCentred])
+def test_deterministic_check_fires_on_randomised_and_batch_dependent_models(trained, wrapper):
+    res = evaluate(wrapper(trained), _loader(16, 16), ["pgd"], [8 / 255], progress=False)
+    assert not next(c for c in res.checks if c.name == "deterministic").passed, str(res)
+    res = evaluate(trained, _loader(16, 16), ["pgd"], [8 / 255], progress=False)
+    assert next(c for c in res.checks if c.name == "deterministic").passed, str(res)
+
+
+def _model_of(n_classes: int) -> nn.Module:
+    torch.manual_seed(1)
+    protos = torch.rand(n_classes, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    y = torch.arange(128) % n_classes
+    x = (protos[y] + 0.15 * torch.randn(128, 3, 8, 8)).clamp(0, 1)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(6 * 16, n_classes))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x[:24], y[:24]
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.09), ("L2", 1.0)])
+def test_standard_autoattack_equals_torchattacks_components_with_the_protocol_settings(norm, eps):
+    """12 classes: APGD-T and FAB-T must take the 9 most likely other classes, as torchattacks'
+    components built for 10 classes do; the result is compared per example."""
+    model, x, y = _model_of(12)
+    name = "autoattack" if norm == "Linf" else "autoattackl2"
+    res = evaluate(model, [(x, y)], [name], {norm: [eps]}, seed=4, checks=False, progress=False)
+    direct = torchattacks.MultiAttack([
+        torchattacks.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, loss="ce", seed=4),
+        torchattacks.APGDT(model, norm=norm, eps=eps, steps=100, n_restarts=1, n_classes=10, seed=4),
+        torchattacks.FAB(model, norm=norm, eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+                         n_classes=10, seed=4),
+        torchattacks.Square(model, norm=norm, eps=eps, n_queries=5000, n_restarts=1, p_init=0.8, seed=4),
+    ])
+    torch.manual_seed(4)
+    adv = direct(x, y)
+    with torch.no_grad():
+        ok = (model(adv).argmax(1) == y) & (model(x).argmax(1) == y)
+    got = res.correct[f"{name}@{eps:g}"]
+    assert torch.equal(got, ok), (got, ok)
+    assert 0 < int(ok.sum()) < int((model(x).argmax(1) == y).sum())  # the attack matters here
+    assert "APGD-T 9 targets × 100 it." in res.entries[0].protocol and res.entries[0].seconds > 0
+
+
+def test_square_flag_fires_when_only_the_black_box_attack_succeeds(trained):
+    """Rounded inputs mask the gradients: the white-box attacks fail, Square does not."""
+    x, y = _data(16, 1)
+    res = evaluate(Quantised(trained), [(x, y)], ["autoattack"], [0.3], progress=False)
+    flag = next(c for c in res.checks if c.name == "square_not_stronger")
+    assert not flag.passed and "Square broke" in flag.detail, str(res)
+
+
+def test_fast_autoattack_is_torchattacks_default_and_named_so(trained):
+    res = evaluate(trained, _loader(16, 16), ["autoattack-fast"], [8 / 255], seed=2, checks=False,
+                   progress=False)
+    torch.manual_seed(2)
+    x, y = _loader(16, 16)[0]
+    adv = torchattacks.AutoAttack(trained, norm="Linf", eps=8 / 255, version="standard", n_classes=N_CLASSES,
+                                  seed=2)(x, y)
+    with torch.no_grad():
+        ok = (trained(adv).argmax(1) == y) & (trained(x).argmax(1) == y)
+    assert torch.equal(res.correct["autoattack-fast@0.0313725"], ok)
+    assert "weaker than the standard protocol" in res.entries[0].protocol
 
 
 def test_autoattack_is_reproducible(trained):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,9 @@ import timm
 import torch
 
 from . import __version__
+from .argtypes import count, floats, names, real
 from .bound import model_bound
-from .validate import FEW_EXAMPLES, InputError, collect, fits, suggest, timm_model
+from .validate import FEW_EXAMPLES, InputError, collect, fits, timm_model
 
 Payload = tuple[str, dict[str, Any]]  # what a command prints: text, and the JSON object
 
@@ -27,36 +27,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _count(minimum: int = 1) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _real(minimum: float = 0.0, above: bool = False) -> Callable[[str], float]:
-    rule = f"{'>' if above else '>='} {minimum:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number {rule}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (above and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected a finite number {rule}, got {text!r}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
 
 
 def _models(args: argparse.Namespace) -> Payload:
@@ -160,7 +130,7 @@ def _dataset(args: argparse.Namespace, model: torch.nn.Module, n: int, seed: int
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a timm model name, NAME=WEIGHTS_FILE, a run directory of `lcnn train`, or "
                                  "module:function returning a torch.nn.Module")
-    p.add_argument("--num-classes", type=_count(2), default=10, help="classes of a timm model (10)")
+    p.add_argument("--num-classes", type=count(2), default=10, help="classes of a timm model (10)")
     p.add_argument("--pretrained-file", default=None, help="weights file for a timm model name")
     p.add_argument("--data", default="synthetic",
                    help="synthetic (default), cifar10, cifar100, svhn, or an ImageFolder path")
@@ -179,35 +149,6 @@ def _curvature(args: argparse.Namespace) -> Payload:
     return f"{rep}\ndata: {data.name}", dict(
         model=args.model, data=data.name, n=rep.n, method=rep.method, hvps_mean=rep.hvps_mean,
         converged_fraction=rep.converged_fraction, stats=rep.stats)
-
-
-def _floats(text: str) -> list[float]:
-    """Comma-separated distinct finite ε >= 0."""
-    values = []
-    for item in text.split(","):
-        try:
-            value = float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-        if not (math.isfinite(value) and value >= 0):
-            raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {item!r}")
-        if value in values:
-            raise argparse.ArgumentTypeError(f"{item} given more than once")
-        values.append(value)
-    return values
-
-
-def _attack_names(text: str) -> list[str]:
-    from .robustness import ATTACKS
-
-    names = text.split(",")
-    for name in names:
-        if name not in ATTACKS:
-            raise argparse.ArgumentTypeError(f"unknown attack {name!r}{suggest(name, ATTACKS)}; choose from "
-                                             f"{', '.join(ATTACKS)}")
-        if names.count(name) > 1:
-            raise argparse.ArgumentTypeError(f"{name} given more than once")
-    return names
 
 
 def _robustness(args: argparse.Namespace) -> Payload:
@@ -252,23 +193,8 @@ def _quickstart(args: argparse.Namespace) -> Payload:
     return report["text"], report
 
 
-def _names(options: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(n for n in text.split(",") if n)
-        for name in names:
-            if name not in options:
-                raise argparse.ArgumentTypeError(f"unknown {name!r}{suggest(name, options)}; choose from "
-                                                 f"{', '.join(options)}")
-            if names.count(name) > 1:
-                raise argparse.ArgumentTypeError(f"{name} given more than once")
-        return names
-
-    parse.__name__ = "list"
-    return parse
-
-
 def _count_or_all(text: str) -> int | str:
-    return text if text == "all" else _count()(text)
+    return text if text == "all" else count()(text)
 
 
 def _shown(name: str, value: Any) -> str:
@@ -284,9 +210,9 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 
     from .reproduce import MODELS, PRESETS, Settings
 
-    parsers = {"int": _count(), "int | None": _count_or_all, "float": _real(0, above=True), "str": str,
-               "str | None": str, "tuple[float, ...]": lambda t: tuple(_floats(t)),
-               "tuple[str, ...]": _names(tuple(MODELS))}
+    parsers = {"int": count(), "int | None": _count_or_all, "float": real(0, above=True), "str": str,
+               "str | None": str, "tuple[float, ...]": lambda t: tuple(floats(t)),
+               "tuple[str, ...]": lambda t: tuple(names(tuple(MODELS))(t))}
     helps = {"arch": "architecture: each model is its timm prefix + this", "models": "comma-separated labels",
              "data": "dataset name or ImageFolder with train/ and test/",
              "second_test": "second test set (accuracy only)",
@@ -295,7 +221,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
              "steps": "PGD/APGD steps", "rgr_radii": "‖δ‖ of relative gradient robustness",
              "rgr_samples": "random directions per example and norm"}
     for f in dataclasses.fields(Settings):
-        parse = _count(0) if f.name in ("checkpoint_every", "seed") else parsers[f.type]
+        parse = count(0) if f.name in ("checkpoint_every", "seed") else parsers[f.type]
         values = "; ".join(f"{k}: {_shown(f.name, v.get(f.name, f.default))}" for k, v in PRESETS.items())
         p.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None,
                        help=f"{helps.get(f.name, f.name.replace('_', ' '))} ({values})")
@@ -335,6 +261,9 @@ def _bench_report(args: argparse.Namespace) -> Payload:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .reproduce import PRESETS
+    from .robustness import ATTACKS
+
     p = _Parser(prog="lcnn", description="Low-curvature neural networks for timm and torchattacks. "
                 "Errors end with exit status 2 and one line; --debug (or LCNN_DEBUG=1) shows the traceback.")
     p.add_argument("--version", action="version", version=f"lcnn-plugin {__version__}")
@@ -348,11 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", default="lcnn-quickstart",
                    help="output folder: the two runs, results.json, quickstart.png (lcnn-quickstart)")
-    q.add_argument("--epochs", type=_count(), default=4, help="training epochs of each model (4)")
-    q.add_argument("--train-examples", type=_count(128), default=3200, help="training images used (3200)")
-    q.add_argument("--curvature-examples", type=_count(), default=200,
+    q.add_argument("--epochs", type=count(), default=4, help="training epochs of each model (4)")
+    q.add_argument("--train-examples", type=count(128), default=3200, help="training images used (3200)")
+    q.add_argument("--curvature-examples", type=count(), default=200,
                    help="test images for the curvature (200)")
-    q.add_argument("--robust-examples", type=_count(), default=500, help="test images for the attacks (500)")
+    q.add_argument("--robust-examples", type=count(), default=500, help="test images for the attacks (500)")
     q.add_argument("--overwrite", action="store_true",
                    help="replace an earlier quickstart in --out (only a folder lcnn quickstart wrote)")
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -377,23 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="synthetic (default), cifar10, cifar100, svhn, or an ImageFolder path")
     t.add_argument("--data-root", help="root of the torchvision datasets (./data)")
     t.add_argument("--download", action="store_true", default=None, help="download a torchvision dataset")
-    t.add_argument("--epochs", type=_count(), help="epochs (10)")
-    t.add_argument("--batch-size", type=_count(), help="global batch size (128)")
-    t.add_argument("--lr", type=_real(0, above=True), help="learning rate (0.1)")
-    t.add_argument("--momentum", type=_real(), help="SGD momentum (0.9)")
-    t.add_argument("--weight-decay", type=_real(), help="weight decay, not applied to β and γ (5e-4)")
+    t.add_argument("--epochs", type=count(), help="epochs (10)")
+    t.add_argument("--batch-size", type=count(), help="global batch size (128)")
+    t.add_argument("--lr", type=real(0, above=True), help="learning rate (0.1)")
+    t.add_argument("--momentum", type=real(), help="SGD momentum (0.9)")
+    t.add_argument("--weight-decay", type=real(), help="weight decay, not applied to β and γ (5e-4)")
     t.add_argument("--no-augment", action="store_true", help="no RandomCrop/flip")
-    t.add_argument("--seed", type=_count(0), help="seed (0)")
-    t.add_argument("--checkpoint-every", type=_count(0),
+    t.add_argument("--seed", type=count(0), help="seed (0)")
+    t.add_argument("--checkpoint-every", type=count(0),
                    help="also checkpoint every N steps (0: per epoch only)")
-    t.add_argument("--max-train-examples", type=_count(),
+    t.add_argument("--max-train-examples", type=count(),
                    help="train on a seeded random N of the training examples (all)")
-    t.add_argument("--eval-examples", type=_count(),
+    t.add_argument("--eval-examples", type=count(),
                    help="test examples evaluated per epoch: a seeded random sample of the test split (2000)")
     for flag in _OBJECTIVE_FLAGS[:-2]:
-        t.add_argument("--" + flag.replace("_", "-"), type=_real(),
+        t.add_argument("--" + flag.replace("_", "-"), type=real(),
                        help="objective setting (defaults: lcnn_plugin.objectives)")
-    t.add_argument("--adv-steps", type=_count(), help="PGD steps of adversarial training (3)")
+    t.add_argument("--adv-steps", type=count(), help="PGD steps of adversarial training (3)")
     t.add_argument("--use-predicted", action="store_true", default=None,
                    help="attack the predicted instead of the true labels")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -403,10 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("curvature",
                        help="per-example gradient norm, Hessian norm and curvature over a dataset")
     _model_args(c)
-    c.add_argument("--max-examples", type=_count(), default=200,
+    c.add_argument("--max-examples", type=count(), default=200,
                    help="examples measured: a seeded random sample of the split (200)")
-    c.add_argument("--batch-size", type=_count(), default=50, help="examples per batch (50)")
-    c.add_argument("--seed", type=_count(0), default=0, help="seed of the sample (0)")
+    c.add_argument("--batch-size", type=count(), default=50, help="examples per batch (50)")
+    c.add_argument("--seed", type=count(0), default=0, help="seed of the sample (0)")
     c.add_argument("--method", default="lanczos",
                    choices=("lanczos", "power", "reference", "exact", "piecewise_linear"))
     c.add_argument("--engine", default="auto", choices=("auto", "autograd", "func", "compiled", "triton"))
@@ -415,20 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("robustness", help="clean and robust accuracy under torchattacks, with honesty checks")
     _model_args(r)
-    r.add_argument("--attacks", type=_attack_names, default=["pgd", "apgd"],
+    r.add_argument("--attacks", type=names(tuple(ATTACKS), "attack "), default=["pgd", "apgd"],
                    help="comma-separated: fgsm, pgd, pgdl2, apgd, apgdl2, autoattack, autoattackl2 (the "
                         "standard protocol), autoattack-fast, autoattackl2-fast (torchattacks' 10-iteration "
                         "default) (pgd,apgd)")
-    r.add_argument("--eps-linf", type=_floats, default=[2 / 255, 4 / 255, 8 / 255],
+    r.add_argument("--eps-linf", type=floats, default=[2 / 255, 4 / 255, 8 / 255],
                    help="L-inf ε sweep (2/255,4/255,8/255)")
-    r.add_argument("--eps-l2", type=_floats, default=[0.1, 0.25, 0.5], help="L2 ε sweep (0.1,0.25,0.5)")
-    r.add_argument("--steps", type=_count(), default=10, help="PGD/APGD steps (10)")
-    r.add_argument("--restarts", type=_count(), default=1, help="APGD restarts (1)")
-    r.add_argument("--seed", type=_count(0), default=0, help="seed of the sample and the attacks (0)")
-    r.add_argument("--max-examples", type=_count(), default=500,
+    r.add_argument("--eps-l2", type=floats, default=[0.1, 0.25, 0.5], help="L2 ε sweep (0.1,0.25,0.5)")
+    r.add_argument("--steps", type=count(), default=10, help="PGD/APGD steps (10)")
+    r.add_argument("--restarts", type=count(), default=1, help="APGD restarts (1)")
+    r.add_argument("--seed", type=count(0), default=0, help="seed of the sample and the attacks (0)")
+    r.add_argument("--max-examples", type=count(), default=500,
                    help=f"examples evaluated: a seeded random sample of the split (500; fewer than "
                         f"{FEW_EXAMPLES} give a warning)")
-    r.add_argument("--batch-size", type=_count(), default=250, help="examples per batch (250)")
+    r.add_argument("--batch-size", type=count(), default=250, help="examples per batch (250)")
     r.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
     r.set_defaults(func=_robustness)
 
@@ -438,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "original (--preserve-function) and the data-free bounds. To fine-tune "
                                    "the converted model, use `lcnn train --convert JSON`.")
     v.add_argument("model", help="a timm model name, or a run directory of `lcnn train`")
-    v.add_argument("--num-classes", type=_count(2), default=10, help="classifier outputs (10)")
+    v.add_argument("--num-classes", type=count(2), default=10, help="classifier outputs (10)")
     v.add_argument("--pretrained-file", default=None, help="weights file for the model")
     v.add_argument("--input-size", type=_parse_size, default=None,
                    help="C,H,W of the example input (default: the model's pretrained_cfg input_size)")
@@ -446,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the example input from a seeded sample of this dataset's test split "
                         "(default: uniform noise)")
     v.add_argument("--data-root", default="./data", help="root of the torchvision datasets (./data)")
-    v.add_argument("--examples", type=_count(), default=8, help="example inputs (8)")
-    v.add_argument("--beta", type=_real(0, above=True), default=None,
+    v.add_argument("--examples", type=count(), default=8, help="example inputs (8)")
+    v.add_argument("--beta", type=real(0, above=True), default=None,
                    help="initial β (5; 1000 with --preserve-function)")
-    v.add_argument("--gamma", type=_real(0, above=True), default=10.0,
+    v.add_argument("--gamma", type=real(0, above=True), default=10.0,
                    help="initial γ of the γ-Lipschitz BatchNorms (10)")
     v.add_argument("--preserve-function", action="store_true", help="keep a pretrained model's outputs")
     v.add_argument("--exclude", default="", help="comma-separated module path patterns to leave as they are")
@@ -460,8 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-bound", action="store_true", help="skip the data-free bounds")
     v.add_argument("--json", action="store_true", help="print JSON instead of text")
     v.set_defaults(func=_convert)
-
-    from .reproduce import PRESETS
 
     rp = sub.add_parser("reproduce", help="train and evaluate the paper's seven models; a report in the "
                                           "paper's layout",
@@ -499,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bound", help="data-free Lipschitz and curvature bounds of a model")
     b.add_argument("model", help="a timm model name, e.g. lcnn_resnet18_cifar")
-    b.add_argument("--num-classes", type=_count(2), default=10, help="classifier outputs (10)")
+    b.add_argument("--num-classes", type=count(2), default=10, help="classifier outputs (10)")
     b.add_argument("--input-size", type=_parse_size, default=None,
                    help="C,H,W (default: the model's pretrained_cfg input_size)")
     b.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -33,36 +33,10 @@ from typing import Any
 
 import pytest
 
+from .argtypes import count, floats, names
+
 _GROUP = "lcnn-plugin"
 _SKIP = "no --lcnn-models given (pytest --help: lcnn-plugin)"
-
-
-def _positive(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _eps_list(text: str) -> list[float]:
-    values = []
-    for item in text.split(","):
-        try:
-            value = float(item.split("/")[0]) / float(item.split("/")[1]) if "/" in item else float(item)
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated numbers (or fractions), got {text!r}"
-            ) from None
-        if not (math.isfinite(value) and value > 0) or value in values:
-            raise argparse.ArgumentTypeError(f"expected distinct finite numbers > 0, got {item!r}")
-        values.append(value)
-    return values
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -73,7 +47,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="comma-separated models: timm names, NAME=WEIGHTS_FILE, `lcnn train` run folders, "
         "module:function returning a torch.nn.Module",
     )
-    g.addoption("--lcnn-num-classes", type=_positive(2), default=10, help="classes of timm models (10)")
+    g.addoption("--lcnn-num-classes", type=count(2), default=10, help="classes of timm models (10)")
     g.addoption(
         "--lcnn-twin",
         default=None,
@@ -95,26 +69,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     g.addoption(
         "--lcnn-eps-linf",
-        type=_eps_list,
+        type=floats,
         default=[2 / 255, 4 / 255, 8 / 255],
         help="L-inf ε sweep, numbers or fractions (2/255,4/255,8/255)",
     )
-    g.addoption("--lcnn-eps-l2", type=_eps_list, default=[0.1, 0.25, 0.5], help="L2 ε sweep (0.1,0.25,0.5)")
-    g.addoption("--lcnn-steps", type=_positive(1), default=10, help="PGD/APGD steps (10)")
+    g.addoption("--lcnn-eps-l2", type=floats, default=[0.1, 0.25, 0.5], help="L2 ε sweep (0.1,0.25,0.5)")
+    g.addoption("--lcnn-steps", type=count(1), default=10, help="PGD/APGD steps (10)")
     g.addoption(
         "--lcnn-examples",
-        type=_positive(1),
+        type=count(1),
         default=500,
         help="examples of the robustness benchmark: a seeded random sample (500)",
     )
     g.addoption(
         "--lcnn-curvature-examples",
-        type=_positive(1),
+        type=count(1),
         default=100,
         help="examples of the curvature benchmark: a seeded random sample (100)",
     )
-    g.addoption("--lcnn-batch-size", type=_positive(1), default=100, help="examples per batch (100)")
-    g.addoption("--lcnn-seed", type=_positive(0), default=0, help="seed of the samples and attacks (0)")
+    g.addoption("--lcnn-batch-size", type=count(1), default=100, help="examples per batch (100)")
+    g.addoption("--lcnn-seed", type=count(0), default=0, help="seed of the samples and attacks (0)")
 
 
 @dataclass(frozen=True)
@@ -150,16 +124,10 @@ def options(config: pytest.Config) -> Options:
         twin = parse(get("--lcnn-twin")) if get("--lcnn-twin") else None
     except InputError as e:
         raise pytest.UsageError(f"--lcnn-models/--lcnn-twin: {e}") from None
-    attacks = [a for a in get("--lcnn-attacks").split(",") if a]
-    for a in attacks:
-        if a not in ATTACKS:
-            raise pytest.UsageError(
-                f"--lcnn-attacks: unknown attack {a!r}{suggest(a, ATTACKS)}; choose from {', '.join(ATTACKS)}"
-            )
-    if len(set(attacks)) != len(attacks) or not attacks:
-        raise pytest.UsageError(
-            f"--lcnn-attacks: expected distinct attack names, got {get('--lcnn-attacks')!r}"
-        )
+    try:
+        attacks = names(tuple(ATTACKS), "attack ")(get("--lcnn-attacks"))
+    except argparse.ArgumentTypeError as e:
+        raise pytest.UsageError(f"--lcnn-attacks: {e}") from None
     data = get("--lcnn-data")
     if data != "synthetic" and data not in BUILTIN:
         from pathlib import Path

@@ -51,9 +51,13 @@ class ModelSpec:
         if self.kind == "timm":
             kwargs = {} if num_classes is None else dict(num_classes=num_classes)
             return timm_model(self.target, pretrained_file=self.weights, **kwargs).eval()
-        model = self.factory()()
+        fn, attr = self.factory(), self.target.partition(":")[2]
+        try:
+            model = fn()
+        except Exception as e:  # noqa: BLE001 - the user's code: name it, in one line
+            raise InputError(f"model {self.text}: {attr}() raised {type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}") from e
         if not isinstance(model, nn.Module):
-            attr = self.target.partition(":")[2]
             raise InputError(f"model {self.text}: {attr}() returned {type(model).__name__}, expected a "
                              "torch.nn.Module")
         return model.eval()

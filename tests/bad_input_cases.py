@@ -167,6 +167,28 @@ CLI_CASES = [
     (["train", "--out", "{ws}/userdir", "--epochs", "1"], "holds files that lcnn-plugin did not write"),
     (["train", "--out", R], "already holds a run"),
     (["train", "--out", "{ws}/file.txt/sub"], "cannot write to"),
+    # model specifications (lcnn_plugin.spec)
+    (["curvature", "nomodule_here:build"], "cannot import nomodule_here"),
+    (["curvature", "os.path:nosuchfn"], "os.path has no callable 'nosuchfn'"),
+    (["curvature", "os:getcwd"], "getcwd() returned str, expected a torch.nn.Module"),
+    (["curvature", "os.path:join"], "os.path:join: join() raised TypeError"),
+    (["curvature", "a b:c"], "expected module:function"),
+    (["curvature", "resnet18={ws}/weights/missing.pth"], "weights file"),
+    (["curvature", "resnet18x={ws}/weights/other.safetensors"], "unknown timm model 'resnet18x'"),
+    (["curvature", "resnet18={ws}/weights/other.safetensors", "--pretrained-file",
+      "{ws}/weights/other.safetensors"], "applies to a timm model name, not to a NAME=WEIGHTS model"),
+    # reproduce and bench-report
+    (["reproduce", "--out", "{ws}/new", "--models", "lcnn,lcnx"], "unknown 'lcnx' (did you mean 'lcnn'?)"),
+    (["reproduce", "--out", "{ws}/new", "--eps", "0.1,0.1"], "argument --eps: 0.1 given more than once"),
+    (["reproduce", "--out", "{ws}/new", "--train-examples", "0"],
+     "argument --train-examples: expected an integer"),
+    (["reproduce", "--out", "{ws}/new", "--preset", "smoke", "--arch", "resnet9"], "arch: no timm model"),
+    (["reproduce", "--out", "{ws}/userdir", "--preset", "smoke"],
+     "holds files that lcnn-plugin did not write"),
+    (["reproduce", "--out", "{ws}/new", "--preset", "smoke", "--data", "{ws}/data/nothere"],
+     "neither one of synthetic"),
+    (["bench-report", "{ws}/weights/text.safetensors"], "text.safetensors: not JSON"),
+    (["bench-report", "{ws}/nothing.json"], "nothing.json: cannot be read"),
 ]
 
 

@@ -174,7 +174,9 @@ def test_shape_verdicts_on_known_figures() -> None:
     assert [h for _, h, _ in partial][:5] == [None] * 5
 
 
-def test_cli_help_and_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_cli_help_and_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps (and splits long words) at the terminal width
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
     text = capsys.readouterr().out

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "standard protocol), autoattack-fast, autoattackl2-fast (torchattacks' 10-iteration "
                         "default) (pgd,apgd)")
     r.add_argument("--eps-linf", type=floats, default=[2 / 255, 4 / 255, 8 / 255],
-                   help="L-inf ε sweep (2/255,4/255,8/255)")
+                   help="L-inf ε sweep, decimals or fractions (2/255,4/255,8/255)")
     r.add_argument("--eps-l2", type=floats, default=[0.1, 0.25, 0.5], help="L2 ε sweep (0.1,0.25,0.5)")
     r.add_argument("--steps", type=count(), default=10, help="PGD/APGD steps (10)")
     r.add_argument("--restarts", type=count(), default=1, help="APGD restarts (1)")

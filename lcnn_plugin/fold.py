@@ -16,7 +16,18 @@ import torch.fx
 from torch import nn
 
 from .layers.norm import LipschitzBatchNorm2d
-from .layers.spectral import SpectralNorm, spectral_input_shapes
+from .layers.spectral import SNConv1d, SNConv2d, SNConv3d, SpectralNorm, spectral_input_shapes
+
+# exactly these classes are affine maps the folding knows; subclasses may do more (timm's
+# BatchNormAct2d and our LipschitzBatchNormAct2d apply an activation, Conv2dSame pads inside
+# forward, StdConv2d standardises its weight) and are never folded
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, SNConv1d, SNConv2d, SNConv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, LipschitzBatchNorm2d)
+
+
+def _plain(module: nn.Module, classes: tuple[type, ...]) -> bool:
+    """``module`` is one of ``classes`` exactly, with no hook that changes its forward."""
+    return type(module) in classes and not module._forward_hooks and not module._forward_pre_hooks
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +54,7 @@ def _folded_conv(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchN
     engine = SpectralNorm.of(conv)
     if engine is not None:  # c/σ as eval applies it on this input shape (default: the trained one)
         w = w * engine.eval_factor(conv, shape).double()
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
+    bias = conv.bias.double() if conv.bias is not None else w.new_zeros(w.shape[0])
     a, b = _bn_affine(bn)
     shape = (-1,) + (1,) * (w.dim() - 1)
     new.weight.data.copy_(w * a.view(shape))
@@ -54,8 +65,10 @@ def _folded_conv(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchN
 def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) -> torch.fx.GraphModule:
     """A copy of ``model`` (eval) with every conv → BatchNorm pair folded into one conv.
 
-    A pair is folded when the BatchNorm's only input is the output of a (plain or spectrally
-    normalised) 1d/2d/3d convolution that nothing else uses. ``example_input`` (optional):
+    A pair is folded when the BatchNorm (torch's BatchNorm1d/2d/3d or our LipschitzBatchNorm2d,
+    exactly: a subclass such as a BatchNorm with an activation is left as it is) has as its only
+    input the output of a 1d/2d/3d convolution (torch's or our spectrally normalised one,
+    exactly, without forward hooks) that nothing else uses. ``example_input`` (optional):
     one eval forward on it finds each spectral norm's input shape, whose eval σ is folded
     (without it: the trained shape's). The model is traced with torch.fx (raises if it cannot be);
     the original is not modified. The copy's parameters do not require grad.
@@ -82,17 +95,15 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
         model.train(was_training)
     gm.eval()
     modules = dict(gm.named_modules())
-    BN, Conv = nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd
-    ConvT = nn.modules.conv._ConvTransposeNd
     with torch.no_grad():
         for node in list(gm.graph.nodes):
-            if node.op != "call_module" or not isinstance(modules[node.target], BN):
+            if node.op != "call_module" or not _plain(modules[node.target], _BNS):
                 continue
             src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
             if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
                 continue
             conv = modules[src.target]
-            if not isinstance(conv, Conv) or isinstance(conv, ConvT):
+            if not _plain(conv, _CONVS):
                 continue
             parent, _, name = src.target.rpartition(".")
             owner = gm.get_submodule(parent) if parent else gm

@@ -278,6 +278,99 @@ def test_fold_bn_default_falls_back_when_untraceable():
         measure(Untraceable(), x, method="exact", fold_bn=True)
 
 
+def test_fold_leaves_batchnorm_subclasses_and_hooked_convs_alone():
+    """LipschitzBatchNormAct2d (what convert makes of timm's BatchNormAct2d) is a BatchNorm that
+    also applies an activation; a conv with a forward pre-hook does more than W x + b."""
+    from lcnn_plugin.layers.norm import LipschitzBatchNormAct2d
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), LipschitzBatchNormAct2d(6, act=nn.Tanh()),
+                          nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 2 * 2, 5))
+    model = _prepared(model)
+    model[2].register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))  # the conv does more than W x + b
+    x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
+    folded = fold_batchnorm(model, x[:1])
+    kinds = [type(m) for m in folded.modules()]
+    assert LipschitzBatchNormAct2d in kinds and nn.BatchNorm2d in kinds  # neither pair was folded
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_fold_bias_free_conv1d_and_conv3d(dim):
+    torch.manual_seed(3)
+    conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dim]
+    model = nn.Sequential(conv(2, 4, 3, padding=1, bias=False), bn(4), nn.Softplus(), nn.Flatten(),
+                          nn.Linear(4 * 4**dim, 3)).double().train()
+    shape = (2,) + (4,) * dim
+    with torch.no_grad():
+        model(torch.rand(16, *shape, dtype=torch.float64))
+    model.eval()
+    x = torch.rand(3, *shape, dtype=torch.float64)
+    folded = fold_batchnorm(model, x[:1])
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class ShiftedFold(nn.Module):
+    """A model whose BatchNorm-folded copy differs: the default must notice and not fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _prepared(small_standard())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_measure_folds_only_a_copy_that_computes_the_same_function(monkeypatch):
+    import lcnn_plugin.curvature as curvature
+
+    model = ShiftedFold()
+    x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
+    plain = measure(model, x, method="exact", fold_bn=False)
+    good = measure(model, x, method="exact")
+    assert good.options["fold_bn"] is True and good.options["fold_bn_note"] is None
+
+    def broken_fold(m, example):  # a folding that changes the function (as before the exact-type rule)
+        folded = fold_batchnorm(m, example)
+        with torch.no_grad():
+            next(p for p in folded.parameters() if p.dim() == 4).mul_(1.01)
+        return folded
+
+    monkeypatch.setattr(curvature, "fold_batchnorm", broken_fold)
+    r = measure(model, x, method="exact")
+    assert r.options["fold_bn"] is False and "differ from the model's" in r.options["fold_bn_note"]
+    torch.testing.assert_close(r.hessian_norm, plain.hessian_norm, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="fold_bn=True: the folded copy's logits differ"):
+        measure(model, x, method="exact", fold_bn=True)
+
+
+@pytest.mark.parametrize("name", ["regnetx_002", "mobilenetv2_050"])
+def test_measure_defaults_on_converted_timm_models_equal_unfolded(name):
+    """Converted timm models hold LipschitzBatchNormAct2d (BN + activation): the default
+    measure() must give the unfolded figures (it was 47% high and 100× low)."""
+    import timm
+
+    from lcnn_plugin import convert
+
+    torch.manual_seed(0)
+    model, _ = convert(timm.create_model(name, num_classes=10), bound=False)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, 3, 32, 32))
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    folded = fold_batchnorm(model, x[:1])
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    a = measure(model, x, fold_bn=False, tol=1e-6, max_iter=100)
+    b = measure(model, x, tol=1e-6, max_iter=100)
+    torch.testing.assert_close(b.grad_norm, a.grad_norm, rtol=1e-4, atol=0)
+    torch.testing.assert_close(b.hessian_norm, a.hessian_norm, rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_engine_equals_eager(dtype):
     model = _prepared(small_lcnn()).to(dtype)

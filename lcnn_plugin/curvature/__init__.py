@@ -110,9 +110,11 @@ def measure(
         max_batch: measure in chunks of at most this many examples (memory).
         seed: seeds the random start vectors (results are deterministic).
         fold_bn: measure a copy of the model with eval BatchNorm folded into the
-            convolutions before it (same function, fewer operations per HVP). True needs a
-            model that torch.fx can trace; None (default) folds when it can and says in
-            ``options["fold_bn"]`` whether it did; False never folds.
+            convolutions before it (fewer operations per HVP), used only when its logits on
+            ``x`` equal the model's (within 1e-5 of their scale). None (default) folds when it
+            can and says in ``options["fold_bn"]`` whether it did and in
+            ``options["fold_bn_note"]`` why not; True raises when it cannot (untraceable, or a
+            different function); False never folds.
     """
     check.choice("method", method, METHODS)
     check.choice("engine", engine, ENGINES)
@@ -134,13 +136,17 @@ def measure(
         auto = fold_bn is None
         if auto:
             fold_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        fold_note = None
         if fold_bn:
             try:
-                model = fold_batchnorm(model, x[:1])
-            except ValueError:  # not traceable: measured as it is (recorded in options)
+                model, fold_note = _folded_if_same(model, x)
+            except ValueError as e:  # not traceable: measured as it is (recorded in options)
                 if not auto:
                     raise
-                fold_bn = False
+                fold_note = str(e)
+            if fold_note is not None and not auto:
+                raise ValueError(f"fold_bn=True: {fold_note}")
+            fold_bn = fold_note is None
         if method == "piecewise_linear":
             bad = piecewise_linear_violations(model, x[:1])
             if bad:
@@ -153,11 +159,26 @@ def measure(
                                         method, engine, loss_fn, tol, max_iter, k, gen))
     cat = [torch.cat([p[i] for p in parts]) for i in range(5)]
     grad_norm, hessian_norm, hvps, converged, error = cat
-    options = dict(tol=tol, max_iter=max_iter, k=k, seed=seed, max_batch=max_batch, fold_bn=fold_bn)
+    options = dict(tol=tol, max_iter=max_iter, k=k, seed=seed, max_batch=max_batch, fold_bn=fold_bn,
+                   fold_bn_note=fold_note)
     return CurvatureResult(
         grad_norm, hessian_norm, hessian_norm / (grad_norm + eps), method, engine,
         hvps, converged, error, eps, options,
     )
+
+
+def _folded_if_same(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, str | None]:
+    """(the BatchNorm-folded copy, None) when its logits on ``x`` equal the model's within 1e-5
+    of their scale; otherwise (the model, why not)."""
+    folded = fold_batchnorm(model, x[:1])
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    scale = float(want.abs().max()) + 1e-30
+    err = float((got - want).abs().max()) / scale
+    if not err <= 1e-5:
+        return model, (f"the folded copy's logits differ from the model's by {err:.2g} of their scale "
+                       "(a layer the folding does not know); measured unfolded")
+    return folded, None
 
 
 def _measure_chunk(model, x, y, method, engine, loss_fn, tol, max_iter, k, gen):  # noqa: ANN001,ANN202

@@ -345,6 +345,23 @@ def test_measure_folds_only_a_copy_that_computes_the_same_function(monkeypatch):
         measure(model, x, method="exact", fold_bn=True)
 
 
+def test_report_folds_once_and_equals_unfolded(monkeypatch):
+    import lcnn_plugin.curvature as curvature
+
+    model = _prepared(small_lcnn())
+    x = torch.rand(12, 3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 5, (12,))
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]
+    calls = []
+    real = curvature.fold_batchnorm
+    monkeypatch.setattr(curvature, "fold_batchnorm", lambda m, e: calls.append(1) or real(m, e))
+    folded = report(model, batches, method="exact", progress=False)
+    plain = report(model, batches, method="exact", fold_bn=False, progress=False)
+    assert len(calls) == 1 and folded.options["fold_bn"] is True and plain.options["fold_bn"] is False
+    for k, v in folded.values.items():
+        torch.testing.assert_close(v, plain.values[k], rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize("name", ["regnetx_002", "mobilenetv2_050"])
 def test_measure_defaults_on_converted_timm_models_equal_unfolded(name):
     """Converted timm models hold LipschitzBatchNormAct2d (BN + activation): the default

@@ -133,20 +133,7 @@ def measure(
     parts = []
     engine = resolve_engine(engine, model, x)
     with _EvalNoParamGrad(model):
-        auto = fold_bn is None
-        if auto:
-            fold_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        fold_note = None
-        if fold_bn:
-            try:
-                model, fold_note = _folded_if_same(model, x)
-            except ValueError as e:  # not traceable: measured as it is (recorded in options)
-                if not auto:
-                    raise
-                fold_note = str(e)
-            if fold_note is not None and not auto:
-                raise ValueError(f"fold_bn=True: {fold_note}")
-            fold_bn = fold_note is None
+        model, fold_bn, fold_note = _fold_choice(model, x, fold_bn)
         if method == "piecewise_linear":
             bad = piecewise_linear_violations(model, x[:1])
             if bad:
@@ -165,6 +152,26 @@ def measure(
         grad_norm, hessian_norm, hessian_norm / (grad_norm + eps), method, engine,
         hvps, converged, error, eps, options,
     )
+
+
+def _fold_choice(model: nn.Module, x: torch.Tensor, fold_bn: bool | None
+                 ) -> tuple[nn.Module, bool, str | None]:
+    """(the model to measure, whether it is the folded copy, why not) for measure()'s
+    ``fold_bn`` (see there); the model in eval mode."""
+    auto = fold_bn is None
+    if auto:
+        fold_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not fold_bn:
+        return model, False, None
+    try:
+        folded, note = _folded_if_same(model, x)
+    except ValueError as e:  # not traceable: measured as it is (recorded in options)
+        if not auto:
+            raise
+        return model, False, str(e)
+    if note is not None and not auto:
+        raise ValueError(f"fold_bn=True: {note}")
+    return folded, note is None, note
 
 
 def _folded_if_same(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, str | None]:
@@ -216,6 +223,7 @@ class CurvatureReport:
     method: str
     hvps_mean: float
     converged_fraction: float
+    options: dict[str, Any] = field(default_factory=dict)  # fold_bn: whether the folded copy was measured
 
     def __str__(self) -> str:
         lines = [f"curvature over {self.n} examples ({self.method}; mean HVPs "
@@ -241,13 +249,16 @@ def report(
     """Measure every example of ``loader`` (batches (x, y) or x) and summarise.
 
     Statistics are over exactly the examples measured (at most ``max_examples``); nothing is
-    zero-filled. ``measure_kwargs`` go to :func:`measure`.
+    zero-filled. ``measure_kwargs`` go to :func:`measure`; ``fold_bn`` is decided (and the model
+    folded and checked) once, on the first batch, and recorded in ``options``.
     """
     from tqdm.auto import tqdm
 
     check.integer("max_examples", max_examples, optional=True)
     results: list[CurvatureResult] = []
     seen = 0
+    fold_bn = measure_kwargs.pop("fold_bn", None)
+    target = fold_note = None
     bar = tqdm(total=max_examples, disable=not progress, desc="curvature", unit="ex")
     for batch in loader:
         x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
@@ -257,7 +268,13 @@ def report(
         if device is not None:
             x = x.to(device)
             y = None if y is None else y.to(device)
-        r = measure(model, x, y, seed=seen, **measure_kwargs)
+        if target is None:  # fold (and check the folded copy) once, on the first batch
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            check.check_inputs(x, y, "x", unit_box=False)
+            with _EvalNoParamGrad(model):
+                target, fold_bn, fold_note = _fold_choice(model, x, fold_bn)
+        r = measure(target, x, y, seed=seen, fold_bn=False, **measure_kwargs)
         results.append(r)
         seen += len(r)
         bar.update(len(r))
@@ -275,7 +292,8 @@ def report(
                            **{f"q{int(round(p * 100)):02d}": float(t) for p, t in zip(_QUANTILES, q)})
     hvps = torch.cat([r.hvps for r in results]).double()
     conv = torch.cat([r.converged for r in results]).double()
-    return CurvatureReport(seen, stats, values, results[0].method, float(hvps.mean()), float(conv.mean()))
+    return CurvatureReport(seen, stats, values, results[0].method, float(hvps.mean()), float(conv.mean()),
+                           dict(fold_bn=fold_bn, fold_bn_note=fold_note))
 
 
 def relative_gradient_robustness(

@@ -148,7 +148,7 @@ def _curvature(args: argparse.Namespace) -> Payload:
                  fold_bn=args.fold_bn, progress=not args.json)
     return f"{rep}\ndata: {data.name}", dict(
         model=args.model, data=data.name, n=rep.n, method=rep.method, hvps_mean=rep.hvps_mean,
-        converged_fraction=rep.converged_fraction, stats=rep.stats)
+        converged_fraction=rep.converged_fraction, stats=rep.stats, **rep.options)
 
 
 def _robustness(args: argparse.Namespace) -> Payload:
@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="lanczos",
                    choices=("lanczos", "power", "reference", "exact", "piecewise_linear"))
     c.add_argument("--engine", default="auto", choices=("auto", "autograd", "func", "compiled", "triton"))
-    c.add_argument("--fold-bn", action="store_true", help="fold eval BatchNorm into the convolutions")
+    c.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the BatchNorm-folded copy: --fold-bn requires it, --no-fold-bn never; "
+                        "default: when its logits equal the model's")
     c.set_defaults(func=_curvature)
 
     r = sub.add_parser("robustness", help="clean and robust accuracy under torchattacks, with honesty checks")

@@ -312,6 +312,7 @@ def lcnn_curvature(
             hvps_mean=rep.hvps_mean,
             converged_fraction=rep.converged_fraction,
             stats=rep.stats,
+            **rep.options,
         )
         return rep
 

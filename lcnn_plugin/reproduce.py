@@ -130,7 +130,7 @@ class Settings:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # about 2-2.5 hours on 2 CPU cores (measured: see benchmarks/results/reproduce_cifar10_cpu.md)
+    # about 1 h 45 min on 2 CPU cores (measured: benchmarks/results/reproduce_cifar10_cpu/)
     "cifar10-cpu": dict(arch="resnet10_w16_cifar", data="cifar10", epochs=8, train_examples=20_000),
     # the paper's recipe (for a GPU): ResNet-18 with the CIFAR stem, all 50k images, 200 epochs
     "cifar10-paper": dict(arch="resnet18_cifar", data="cifar10", epochs=200, train_examples=None,

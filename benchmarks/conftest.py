@@ -5,8 +5,6 @@ Models, data, attacks and example counts are the options of the package's pytest
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +12,7 @@ import timm
 import torch
 
 import lcnn_plugin  # noqa: F401  (registers the models)
-from lcnn_plugin.pytest_plugin import options
+from lcnn_plugin.pytest_plugin import options, timed
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,17 +43,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         specs = options(metafunc.config).models
         names = [s.target for s in specs if s.kind == "timm" and not s.weights]
         metafunc.parametrize("model_name", names, scope="module")
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(fn(), seconds), synchronising CUDA around the call."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
 def _synthetic(split: str, n: int, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,17 +168,21 @@ def load_dataset(name: str = "synthetic", split: str = "train", root: str = "./d
                  download: bool = False) -> ImageData:
     """A dataset by name or ImageFolder path (see the module docstring)."""
     choice("split", split, ("train", "test"))
-    if not isinstance(name, str) or not name:
-        raise InputError(f"data: expected a dataset name ({', '.join(BUILTIN)}) or a folder, got {name!r}")
+    check_source(name)
     if name == "synthetic":
         return synthetic(split)
     if name in BUILTIN:
         return _torchvision(name, split, root, download)
-    path = Path(name)
-    if not path.exists():
+    return _image_folder(Path(name), split)
+
+
+def check_source(name: str) -> None:
+    """``name`` is one of :data:`BUILTIN` or an existing path (checked without reading data)."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"data: expected a dataset name ({', '.join(BUILTIN)}) or a folder, got {name!r}")
+    if name not in BUILTIN and not Path(name).exists():
         raise InputError(f"data: {name!r} is neither one of {', '.join(BUILTIN)} nor an existing folder"
                          + suggest(name, BUILTIN))
-    return _image_folder(path, split)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -113,10 +113,10 @@ def options(config: pytest.Config) -> Options:
     cached = getattr(config, "_lcnn_options", None)
     if cached is not None:
         return cached
-    from .data import BUILTIN
+    from .data import check_source
     from .robustness import ATTACKS
     from .spec import parse
-    from .validate import InputError, suggest
+    from .validate import InputError
 
     get = config.getoption
     try:
@@ -129,14 +129,10 @@ def options(config: pytest.Config) -> Options:
     except argparse.ArgumentTypeError as e:
         raise pytest.UsageError(f"--lcnn-attacks: {e}") from None
     data = get("--lcnn-data")
-    if data != "synthetic" and data not in BUILTIN:
-        from pathlib import Path
-
-        if not Path(data).is_dir():
-            raise pytest.UsageError(
-                f"--lcnn-data: {data!r} is neither one of {', '.join(BUILTIN)} nor a folder"
-                + suggest(data, BUILTIN)
-            )
+    try:
+        check_source(data)
+    except InputError as e:
+        raise pytest.UsageError(f"--lcnn-data: {e}") from None
     norms = {ATTACKS[a] for a in attacks}
     eps = {
         n: get("--lcnn-eps-linf" if n == "Linf" else "--lcnn-eps-l2") for n in ("Linf", "L2") if n in norms
@@ -328,16 +324,17 @@ def _default_twin(spec: Any) -> Any:
     return None
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), seconds), synchronising CUDA around the call (also used by benchmarks/)."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return out, time.perf_counter() - t0
 
 
 @pytest.fixture
@@ -377,7 +374,7 @@ def lcnn_throughput(
         times = {k: math.inf for k in pair}
         for _ in range(rounds):
             for k, m in pair.items():
-                times[k] = min(times[k], _timed(lambda m=m: work(m)))
+                times[k] = min(times[k], timed(lambda m=m: work(m))[1])
         benchmark.pedantic(work, args=(lcnn_model,), rounds=1, iterations=1)
         ratio = times[lcnn_model_spec.text] / times[twin_spec.text]
         benchmark.extra_info["lcnn"] = dict(

@@ -230,15 +230,14 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 def _reproduce(args: argparse.Namespace) -> Payload:
     import dataclasses
 
-    from .reproduce import Settings, reproduce, settings_for
+    from .reproduce import VERDICT, Settings, reproduce, settings_for
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
     overrides = {k: None if v == "all" else v for k, v in given.items() if v is not None}
     command = "lcnn " + " ".join(sys.argv[1:])
     results = reproduce(settings_for(args.preset, **overrides), args.out, progress=not args.no_progress,
                         command=command)
-    lines = [f"{'holds' if v['holds'] else 'DOES NOT HOLD' if v['holds'] is False else 'not checked'}: "
-             f"{v['claim']}" for v in results["verdicts"]]
+    lines = [f"{VERDICT[v['holds']]}: {v['claim']}" for v in results["verdicts"]]
     return f"report: {Path(args.out) / 'report.md'}\n" + "\n".join(lines), results
 
 

@@ -179,14 +179,11 @@ def _revision() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def _accuracy(model: torch.nn.Module, data: Any, batch: int) -> dict[str, Any]:
+def _accuracy(model: torch.nn.Module, data: Any, batch: int, device: torch.device) -> dict[str, Any]:
     from .robustness import wilson_interval
+    from .train import correct_count
 
-    hits = 0
-    with torch.no_grad():
-        for x, y in data.batches(batch):
-            hits += int((model(x).argmax(1) == y).sum())
-    n = len(data)
+    hits, n = correct_count(model, data, device, batch), len(data)
     return dict(data=data.name, n=n, acc=hits / n, ci95=list(wilson_interval(hits, n)))
 
 
@@ -210,29 +207,31 @@ def _evaluate(s: Settings, label: str, model: torch.nn.Module, history: list[dic
 
     t0 = time.perf_counter()
     model.eval()
+    device = next(model.parameters()).device  # where train() put it (CUDA when there is one)
     out: dict[str, Any] = dict(label=label, model=s.model_name(label), objective=MODELS[label][1],
                                objective_settings=asdict(make_objective(MODELS[label][1])))
-    out["accuracy"] = {"test": _accuracy(model, test, s.eval_batch)}
+    out["accuracy"] = {"test": _accuracy(model, test, s.eval_batch, device)}
     if second is not None:
-        out["accuracy"]["second"] = _accuracy(model, second, s.eval_batch)
+        out["accuracy"]["second"] = _accuracy(model, second, s.eval_batch, device)
     curv_data = test.sample(s.curvature_examples, s.seed + 1)
-    curv = curvature_report(model, curv_data.batches(s.eval_batch), progress=progress)
+    curv = curvature_report(model, curv_data.batches(s.eval_batch), progress=progress, device=device)
     out["curvature"] = dict(data=curv_data.name, n=curv.n, method=curv.method, hvps_mean=curv.hvps_mean,
                             converged_fraction=curv.converged_fraction, stats=curv.stats)
     rob_data = test.sample(s.robust_examples, s.seed + 2)
     rob = evaluate(model, rob_data.batches(s.eval_batch), ["pgdl2", "apgdl2"], {"L2": list(s.eps)},
-                   steps=s.steps, seed=s.seed, progress=progress, model_name=label, dataset=rob_data.name)
+                   device=device, steps=s.steps, seed=s.seed, progress=progress, model_name=label,
+                   dataset=rob_data.name)
     out["robustness"] = rob.as_dict()
     rgr_data = test.sample(s.rgr_examples, s.seed + 3)
     x, y = rgr_data.floats()
-    r = relative_gradient_robustness(model, x, y, radii=s.rgr_radii, n_samples=s.rgr_samples, seed=s.seed)
+    r = relative_gradient_robustness(model, x.to(device), y.to(device), radii=s.rgr_radii,
+                                     n_samples=s.rgr_samples, seed=s.seed)
     flat = r.flatten(1)
     out["relative_gradient_robustness"] = dict(
         data=rgr_data.name, n=len(rgr_data), samples=s.rgr_samples, radii=list(s.rgr_radii),
         mean=flat.mean(1).tolist(), std=flat.std(1).tolist(), median=flat.median(1).values.tolist())
     per_epoch = [h["seconds"] for h in history]
     out["training"] = dict(epochs=len(history), seconds_per_epoch=per_epoch,
-                           mean_seconds_per_epoch=sum(per_epoch) / max(len(per_epoch), 1),
                            train_acc=history[-1]["train_acc"] if history else None,
                            test_acc_per_epoch=[h["test_acc"] for h in history])
     out["eval_seconds"] = time.perf_counter() - t0
@@ -308,6 +307,9 @@ def _z(a: dict[str, Any], b: dict[str, Any]) -> float:
     pa, pb, na, nb = a["robust_acc"], b["robust_acc"], a["n_examples"], b["n_examples"]
     se = math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb)
     return (pa - pb) / se if se > 0 else (math.inf if pa > pb else 0.0)
+
+
+VERDICT = {True: "holds", False: "DOES NOT HOLD", None: "not checked"}  # a claim's verdict in words
 
 
 def shape_verdicts(evals: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
@@ -453,8 +455,7 @@ def _write_report(out: Path, s: Settings, evals: dict[str, dict[str, Any]], comm
                   f"{ratio} | {acc} |")
     md += ["", "## The paper's claims, checked on our figures", ""]
     for c, h, f in shape_verdicts(evals):
-        mark = {True: "holds", False: "DOES NOT HOLD", None: "not checked"}[h]
-        md.append(f"- **{mark}**: {c}. {f}")
+        md.append(f"- **{VERDICT[h]}**: {c}. {f}")
     md += ["", "## The paper's figures (theirs: ResNet-18 on CIFAR-100, 200 epochs; for the shape only)", "",
            "| model | E‖∇f‖ | E‖∇²f‖ | E C_f | acc % | "
            + " | ".join(f"PGD-L2 ε={e:g}" for e in PAPER_EPS) + " |",
@@ -472,4 +473,4 @@ def _write_report(out: Path, s: Settings, evals: dict[str, dict[str, Any]], comm
     os.replace(tmp, out / "report.md")
 
 
-__all__ = ["MODELS", "PRESETS", "Settings", "reproduce", "settings_for", "shape_verdicts"]
+__all__ = ["MODELS", "PRESETS", "VERDICT", "Settings", "reproduce", "settings_for", "shape_verdicts"]

@@ -239,15 +239,16 @@ def _dist_setup() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def _evaluate(model: nn.Module, data, device: torch.device) -> float:  # noqa: ANN001
+def correct_count(model: nn.Module, data, device: torch.device, batch: int = 500) -> int:  # noqa: ANN001
+    """How many of ``data``'s examples ``model`` classifies correctly (eval mode; its mode restored)."""
     was = model.training
     model.eval()
     hits = 0
     with torch.no_grad():
-        for x, y in data.batches(500):
+        for x, y in data.batches(batch):
             hits += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     model.train(was)
-    return hits / len(data)
+    return hits
 
 
 def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False,
@@ -380,7 +381,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                       seconds=time.perf_counter() - t0,
                       **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                       train_acc=hits / max(seen, 1),
-                      test_acc=_evaluate(model, test_data, dev), test_examples=len(test_data),
+                      test_acc=correct_count(model, test_data, dev) / len(test_data),
+                      test_examples=len(test_data),
                       test_data=test_data.name)
         if world > 1:
             record["processes"] = world

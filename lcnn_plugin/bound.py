@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import validate as check
 from .layers.spectral import InputSpectralNorm, conv_operator_norm
 
 
@@ -322,8 +323,7 @@ def model_bound(
     ``strict=True`` an unbounded part raises :class:`UnboundedError` naming it. The
     model is put in eval for the computation and its mode restored afterwards.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.module(model)
     if input_size is None:
         input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
         if input_size is None:

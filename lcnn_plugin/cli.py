@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
@@ -234,7 +235,7 @@ def _reproduce(args: argparse.Namespace) -> Payload:
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
     overrides = {k: None if v == "all" else v for k, v in given.items() if v is not None}
-    command = "lcnn " + " ".join(sys.argv[1:])
+    command = "lcnn " + shlex.join(args.argv)
     results = reproduce(settings_for(args.preset, **overrides), args.out, progress=not args.no_progress,
                         command=command)
     lines = [f"{VERDICT[v['holds']]}: {v['claim']}" for v in results["verdicts"]]
@@ -456,7 +457,9 @@ def _error_line(command: str, e: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as given, for the record (lcnn reproduce's report)
     debug = args.debug or os.environ.get("LCNN_DEBUG", "") not in ("", "0")
     try:
         with collect(reemit=False) as notes:

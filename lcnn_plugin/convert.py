@@ -461,8 +461,7 @@ def convert(
             (e.g. a new classifier after ``reset_classifier``); otherwise an already converted
             model raises :class:`ConversionError`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.module(model)
     check.choice("max_pool", max_pool, ("keep", "avg"))
     if beta is None:
         beta = PRESERVE_BETA if preserve_function else 5.0
@@ -570,8 +569,7 @@ def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
     and export (returns a copy unless ``inplace``; put it in eval mode: training a stripped
     model trains a plain network).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.module(model)
     target = model if inplace else copy.deepcopy(model)
     replaced: dict[int, nn.Module] = {}
     for path, m in list(target.named_modules(remove_duplicate=False)):

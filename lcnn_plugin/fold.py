@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from . import validate as check
 from .layers.norm import LipschitzBatchNorm2d
 from .layers.spectral import SNConv1d, SNConv2d, SNConv3d, SpectralNorm, spectral_input_shapes
 
@@ -75,8 +76,7 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
     """
     from .bound import _Tracer
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.module(model)
     was_training = model.training
     model.eval()
     try:

@@ -327,8 +327,7 @@ def evaluate(
 
     The model is evaluated in eval mode and its mode is restored afterwards.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.module(model)
     plan = _eps_plan(attacks, eps)
     for name, value in (("steps", steps), ("restarts", restarts), ("check_examples", check_examples)):
         check.integer(name, value)
@@ -352,7 +351,7 @@ def _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, devic
     correct: dict[str, list[torch.Tensor]] = {"clean": []}
     correct.update({f"{a}@{e:g}": [] for a, e in keys})
     seconds = dict.fromkeys(keys, 0.0)
-    square_breaks = {k: 0 for k in keys if isinstance(k[0], str) and k[0] in ("autoattack", "autoattackl2")}
+    square_breaks: dict[tuple[str, float], int] = {}  # per standard-AutoAttack run: what Square broke
     kept: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # a uniform sample of (x, y, index)
     reservoir = torch.Generator().manual_seed(seed)
     n_classes = seen = 0
@@ -378,7 +377,8 @@ def _evaluate(model, loader, attacks, plan, steps, restarts, max_examples, devic
                 ok = _attack_correct(model, atk, x, y, ATTACKS[a], e, seed + i)
                 seconds[(a, e)] += time.perf_counter() - t0
                 if isinstance(atk, StandardAutoAttack):
-                    square_breaks[(a, e)] += int((atk.broken_by == _SQUARE).sum())
+                    broke = int((atk.broken_by == _SQUARE).sum())
+                    square_breaks[(a, e)] = square_breaks.get((a, e), 0) + broke
                 correct[f"{a}@{e:g}"].append((ok & clean).cpu())
             for j in range(x.shape[0]):  # reservoir sampling: loaders are often sorted by class
                 if seen + j < check_examples:

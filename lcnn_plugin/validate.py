@@ -33,8 +33,8 @@ FEW_EXAMPLES = 100  # fewer evaluated examples than this: a warning (the 95% int
 
 __all__ = [
     "FEW_EXAMPLES", "MARKER", "InputError", "LcnnWarning", "check_batch", "check_dir", "check_inputs",
-    "check_logits", "choice", "claim_dir", "collect", "distinct", "fits", "integer", "number", "owner",
-    "suggest", "timm_model", "timm_name", "warn", "writable",
+    "check_logits", "choice", "claim_dir", "collect", "distinct", "fits", "integer", "module", "number",
+    "owner", "suggest", "timm_model", "timm_name", "warn", "writable",
 ]
 
 
@@ -126,6 +126,13 @@ def distinct(name: str, values: Any) -> list:
 
 
 # -- data and models ---------------------------------------------------------------------------
+def module(model: Any) -> nn.Module:
+    """``model`` is a ``torch.nn.Module`` (a ``TypeError`` otherwise)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def check_inputs(x: Any, y: Any, where: str, *, unit_box: bool = True) -> None:
     """Inputs: a floating tensor (B, ...), B ≥ 1, finite, in [0, 1] when ``unit_box``; labels
     (unless None): integers of shape (B,)."""

@@ -214,3 +214,18 @@ def test_weights_mismatch_is_counted_not_dumped():
         net.load_state_dict({"0.weight": torch.zeros(5, 3), "x.y": torch.zeros(1)})
     assert _load_error(info.value) == ("weights of another architecture or number of classes "
                                        "(3 missing keys, 1 unexpected keys, 1 size mismatches)")
+
+
+def test_api_entries_refuse_a_model_that_is_not_a_module():
+    from lcnn_plugin import fold_batchnorm, model_bound
+    from lcnn_plugin.curvature import relative_gradient_robustness
+
+    x = torch.rand(2, 3, 8, 8)
+    y = torch.zeros(2, dtype=torch.long)
+    calls = [lambda m: measure(m, x), lambda m: report(m, [(x, y)]),
+             lambda m: relative_gradient_robustness(m, x), lambda m: evaluate(m, [(x, y)]),
+             lambda m: fold_batchnorm(m), lambda m: model_bound(m, (3, 8, 8)), lambda m: convert(m),
+             lambda m: strip(m)]
+    for call in calls:
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+            call(lambda t: t)

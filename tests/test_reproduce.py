@@ -170,6 +170,9 @@ def test_shape_verdicts_on_known_figures() -> None:
         verdicts = shape_verdicts({**good, **change})
         failed = [c for c, h, _ in verdicts if h is False]
         assert len(failed) == 1 and words in failed[0], (words, failed)
+    # the two-proportion z statistic, by hand: 0.6 vs 0.5 on 100 each, se = sqrt(.24/100 + .25/100) = 0.07
+    assert rep._z(dict(robust_acc=0.6, n_examples=100), dict(robust_acc=0.5, n_examples=100)) == \
+        pytest.approx(1.428571, rel=1e-6)
     partial = shape_verdicts({"standard": good["standard"]})
     assert [h for _, h, _ in partial][:5] == [None] * 5
 

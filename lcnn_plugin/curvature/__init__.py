@@ -124,8 +124,7 @@ def measure(
     check.integer("seed", seed, 0)
     check.number("tol", tol, 0, above=True, optional=True)
     check.number("eps", eps, 0)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.module(model)
     check.check_inputs(x, y, "x", unit_box=False)
     loss_fn = loss_fn or per_example_cross_entropy
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -269,8 +268,7 @@ def report(
             x = x.to(device)
             y = None if y is None else y.to(device)
         if target is None:  # fold (and check the folded copy) once, on the first batch
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            check.module(model)
             check.check_inputs(x, y, "x", unit_box=False)
             with _EvalNoParamGrad(model):
                 target, fold_bn, fold_note = _fold_choice(model, x, fold_bn)
@@ -310,8 +308,7 @@ def relative_gradient_robustness(
     Returns a tensor (len(radii), n_samples, B). Labels default to the prediction at x and
     stay fixed under the perturbation.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check.module(model)
     check.check_inputs(x, y, "x", unit_box=False)
     for r in check.distinct("radii", radii):
         check.number("radii", r, 0)

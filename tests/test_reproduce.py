@@ -46,7 +46,11 @@ def test_preset_writes_report_json_and_plots(uninterrupted: Path) -> None:
         assert len(ev["relative_gradient_robustness"]["mean"]) == 2
         run = json.loads((uninterrupted / "runs" / rep._slug(label) / "checkpoint.json").read_text())
         assert run["config"]["objective"] == rep.MODELS[label][1] and run["epoch"] == 1
+        log = (uninterrupted / "runs" / rep._slug(label) / "metrics.jsonl").read_text().splitlines()
+        assert ev["training"]["seconds_per_epoch"] == [json.loads(line)["seconds"] for line in log]
     report = (uninterrupted / "report.md").read_text()
+    per_epoch = {k: ev["training"]["seconds_per_epoch"][0] for k, ev in results["models"].items()}  # 1 epoch
+    assert f"| {per_epoch['lcnn+gradreg'] / per_epoch['standard']:.2f} |" in report  # × standard
     for needle in ("## Geometry and accuracy (ours)", "| lcnn+gradreg |", "## The paper's figures (theirs",
                    "E‖∇²f‖", "ε=0.5"):
         assert needle in report

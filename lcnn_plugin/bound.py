@@ -9,10 +9,18 @@ For maps with Lipschitz constant L and second-derivative bound K (‖D²f(x)[u,u
 so for a chain K_f ≤ Σᵢ Kᵢ (Π_{j<i} L_j)² Π_{j>i} L_j. The model is traced with torch.fx
 (our layers and torch's built-in modules are leaves), shapes are propagated on a zero input
 of ``input_size``, and the rules above are applied along the graph, residual sums
-included. Each layer's own constants come from the layer (``lipschitz()`` /
-``curvature_bound()``, see :mod:`lcnn_plugin.layers`) or, for torch's modules, from exact
-computations here (a convolution's operator norm on its real input shape, a linear
-layer's SVD, a pooling operator's exact norm, eval BatchNorm's max |w|/σ).
+included. Each layer's own constants come from the layer (``lipschitz_certificate()`` or
+``lipschitz()`` / ``curvature_bound()``, see :mod:`lcnn_plugin.layers`) or, for torch's
+modules, from computations here (a convolution's operator norm on its real input shape,
+a linear layer's SVD, a pooling operator's exact norm, eval BatchNorm's max |w|/σ).
+
+Operator norms are certified upper bounds (:func:`lcnn_plugin.layers.conv_certificate`:
+exact for small inputs, from the convolution's symbol otherwise, each with a lower bound
+from Lanczos): L_f and K_f are then upper bounds, and the result says ``certified``. A
+layer whose structure admits no certified bound (an affine layer normalised on its input
+above :data:`~lcnn_plugin.layers.spectral.DENSE_LIMIT` inputs) contributes its converged
+estimate, and the result names it; a certified bound more than 1% above its lower bound
+(a zero-padded convolution on a small input) is named as loose.
 
 Also reported: the paper's normalised form C ≤ Σᵢ βᵢ Π_{j≤i} γ_j, one term per
 activation i (βᵢ its max |s''|/|s'|, the product taken over the Lipschitz constants of the
@@ -38,7 +46,13 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import validate as check
-from .layers.spectral import InputSpectralNorm, conv_operator_norm
+from .layers.spectral import (
+    CERT_TARGET,
+    InputSpectralNorm,
+    NormCertificate,
+    conv_certificate,
+    matrix_certificate,
+)
 
 
 class UnboundedError(ValueError):
@@ -59,9 +73,12 @@ LINEAR = Local(1.0, 0.0, 0.0)  # norm-preserving rearrangements and projections 
 
 @dataclass
 class LayerEntry:
+    """One layer's constants; ``norm``: how its operator norm was bounded (None: a closed form)."""
+
     name: str
     kind: str
     local: Local
+    norm: NormCertificate | None = None
 
 
 @dataclass
@@ -79,10 +96,28 @@ class ModelBound:
     def ok(self) -> bool:
         return not self.unbounded
 
+    @property
+    def estimated(self) -> list[str]:
+        """Layers whose operator norm is only an estimate (no certified upper bound is known)."""
+        return [e.name for e in self.layers if e.norm is not None and e.norm.upper is None]
+
+    @property
+    def certified(self) -> bool:
+        """Every constant is bounded and each layer's is a certified upper bound."""
+        return self.ok and not self.estimated
+
+    @property
+    def loose(self) -> list[tuple[str, float]]:
+        """Layers whose certified bound is more than 1% above the best lower bound found."""
+        return [(e.name, e.norm.gap) for e in self.layers
+                if e.norm is not None and e.norm.gap is not None and e.norm.gap > CERT_TARGET]
+
     def as_dict(self) -> dict[str, Any]:
         return dict(
             lipschitz=self.lipschitz, curvature=self.curvature,
             normalized_curvature=self.normalized_curvature, input_size=list(self.input_size),
+            certified=self.certified, estimated=self.estimated,
+            loose=[dict(layer=n, gap=g) for n, g in self.loose],
             unbounded=[dict(where=w, why=y) for w, y in self.unbounded],
         )
 
@@ -90,13 +125,22 @@ class ModelBound:
         def fmt(v: float | None) -> str:
             return "unbounded" if v is None else f"{v:.6g}"
 
+        status = "certified" if self.certified else "NOT certified" if self.ok else "incomplete"
         lines = [
-            f"Data-free bounds (eval, input {tuple(self.input_size)}):",
+            f"Data-free bounds (eval, input {tuple(self.input_size)}), {status}:",
             f"  Lipschitz            L_f <= {fmt(self.lipschitz)}",
             f"  second derivative    K_f <= {fmt(self.curvature)}",
             f"  paper's normalised form  {fmt(self.normalized_curvature)}",
             f"  layers bounded: {len(self.layers)}",
         ]
+        if self.estimated:
+            more = f", … (+{len(self.estimated) - 4} more)" if len(self.estimated) > 4 else ""
+            lines.append(f"  only estimated (no certified norm bound for the layer's structure): "
+                         f"{', '.join(self.estimated[:4])}{more}")
+        if self.loose:
+            worst = max(self.loose, key=lambda t: t[1])
+            lines.append(f"  certified but loose (> {CERT_TARGET:.0%} above the best lower bound): "
+                         f"{len(self.loose)} layers, worst {worst[0]} (+{worst[1]:.1%})")
         lines += [f"  not bounded: {line}" for line in grouped(self.unbounded)]
         return "\n".join(lines)
 
@@ -143,19 +187,17 @@ _SIGMOID_K = 1.0 / (6.0 * math.sqrt(3.0))  # max |σ''|
 _TANH_K = 4.0 / (3.0 * math.sqrt(3.0))  # max |tanh''|
 
 
-def _torch_module_local(m: nn.Module, shape: Sequence[int]) -> Local | str:
-    """Constants of a torch built-in module, or the reason it cannot be bounded."""
+def _torch_module_local(m: nn.Module, shape: Sequence[int]) -> Local | NormCertificate | str:
+    """Constants of a torch built-in module (the bounds of its norm for a linear map), or the
+    reason it cannot be bounded."""
     if isinstance(m, (nn.Identity, nn.Flatten, nn.Unflatten)) or isinstance(m, nn.modules.dropout._DropoutNd):
         return LINEAR
     if isinstance(m, nn.modules.conv._ConvNd):
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
             return "transposed convolutions are not supported by the bound"
-        sigma, _, converged = conv_operator_norm(m, shape[2:])
-        if not converged:
-            return "operator-norm estimate did not converge"
-        return Local(sigma, 0.0, 0.0)
+        return conv_certificate(m, shape[2:])
     if isinstance(m, nn.Linear):
-        return Local(float(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2)), 0.0, 0.0)
+        return matrix_certificate(m.weight)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         if m.running_var is None:
             return "BatchNorm without running statistics is not Lipschitz-bounded in eval"
@@ -196,25 +238,37 @@ _REASONS = {
 }
 
 
-def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | None]:
+def _linear_local(norm: NormCertificate) -> Local:
+    """A linear map's constants: its certified norm bound (the estimate where there is none)."""
+    return Local(norm.lower if norm.upper is None else norm.upper, 0.0, 0.0)
+
+
+def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | None, NormCertificate | None]:
+    """(constants, why not bounded or None, the bounds of its operator norm for a linear map)."""
     in_shape = tuple(shape[1:])  # per example: the layers' constants are for this input shape
     hook = InputSpectralNorm.of(m)
     if hook is not None:
         try:
-            return Local(hook.lipschitz(m, in_shape), 0.0, 0.0), None
+            norm = hook.lipschitz_certificate(m, in_shape)
         except ValueError as e:
-            return Local(None, None, None), str(e)
+            return Local(None, None, None), str(e), None
+        return _linear_local(norm), None, norm
+    if hasattr(m, "lipschitz_certificate"):
+        norm = m.lipschitz_certificate(in_shape)
+        return _linear_local(norm), None, norm
     if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound"):
         norm_fn = getattr(m, "normalized_curvature_bound", None)
         return Local(float(m.lipschitz(in_shape)), float(m.curvature_bound(in_shape)),
-                     float(norm_fn()) if norm_fn else 0.0), None
+                     float(norm_fn()) if norm_fn else 0.0), None, None
     res = _torch_module_local(m, shape)
     if isinstance(res, str):
-        return Local(None, None, None), res
+        return Local(None, None, None), res, None
+    if isinstance(res, NormCertificate):
+        return _linear_local(res), None, res
     if res.K is None or res.L is None:
         why = next((r for t, r in _REASONS.items() if isinstance(m, t)), None)
-        return res, why or f"{type(m).__name__} is not twice differentiable"
-    return res, None
+        return res, why or f"{type(m).__name__} is not twice differentiable", None
+    return res, None, None
 
 
 _REARRANGE_METHODS = {
@@ -387,8 +441,8 @@ def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> Model
                 else [("", modules[node.target])]
             for suffix, m in chain:
                 where = f"{node.target}.{suffix}" if suffix else node.target
-                local, why = _local_of_module(m, shape_of(deps[0]))
-                layers.append(LayerEntry(where, type(m).__name__, local))
+                local, why, norm = _local_of_module(m, shape_of(deps[0]))
+                layers.append(LayerEntry(where, type(m).__name__, local, norm))
                 if why:
                     flag(where, why)
                 flow = _compose(f"{node.name}.{suffix}" if suffix else node.name, local, flow)

@@ -123,7 +123,8 @@ def power(matvec: Matvec, v0: torch.Tensor, tol: float = 1e-5, max_iter: int = 5
 
 
 def operator_norm(
-    gram: Matvec, v0: torch.Tensor, tol: float = 1e-4, max_iter: int = 2000, cycle: int = 48
+    gram: Matvec, v0: torch.Tensor, tol: float = 1e-4, max_iter: int = 2000, cycle: int = 48,
+    enough: float | None = None,
 ) -> tuple[float, int, bool, torch.Tensor]:
     """‖A‖₂ of one operator from its Gram operator AᵀA (``v0``: shape (1, ...)).
 
@@ -131,8 +132,9 @@ def operator_norm(
     restarted from the last Ritz vector, until the Ritz pair's residual is at most ``tol``
     times λ = σ², or a whole cycle raises λ by at most ``tol``/10 relative (a cluster of top
     eigenvalues: the residual of one Ritz vector then falls slowly while λ has settled), or
-    ``max_iter`` applications. Returns (σ, applications of AᵀA, converged, the top right
-    singular vector estimate, shape of ``v0``).
+    λ reaches ``enough`` (after a cycle; counted as converged), or ``max_iter``
+    applications. Returns (σ, applications of AᵀA, converged, the top right singular vector
+    estimate, shape of ``v0``).
     """
     v, used, lam = v0, 0, None
     if v0.device.type == "meta":  # shapes only: no value can be computed
@@ -143,6 +145,6 @@ def operator_norm(
         v = res.vector
         settled = lam is not None and float(res.value[0]) - lam <= 0.1 * tol * lam
         lam = float(res.value[0])
-        converged = bool(res.converged[0]) or settled
+        converged = bool(res.converged[0]) or settled or (enough is not None and lam >= enough)
         if converged or used >= max_iter:
             return lam**0.5, used, converged, v

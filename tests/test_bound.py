@@ -5,11 +5,12 @@ import math
 import pytest
 import timm
 import torch
+from timm.layers import StdConv2d
 from torch import nn
 
 import lcnn_plugin
 from lcnn_plugin import UnboundedError, model_bound
-from lcnn_plugin.layers import CenteredSoftplus, LipschitzBatchNorm2d, SNConv2d
+from lcnn_plugin.layers import CenteredSoftplus, InputSpectralNorm, LipschitzBatchNorm2d, SNConv2d
 
 MODELS = timm.list_models("lcnn_*")
 
@@ -124,3 +125,34 @@ def test_training_mode_is_restored():
     model.train()
     lcnn_plugin.model_bound(model, (3, 8, 8))
     assert model.training
+
+
+def _jacobian_norm(f, shape) -> float:
+    x = torch.zeros(1, *shape, dtype=torch.float64)
+    jac = torch.func.jacrev(f)(x).reshape(-1, x.numel())
+    return torch.linalg.matrix_norm(jac, ord=2).item()
+
+
+def test_bounds_are_certified_and_say_what_is_not():
+    """Above DENSE_LIMIT inputs a convolution's constant is the symbol's certified bound (above
+    the exact norm, the SVD of its Jacobian); a loose one is named; an input-normalised affine
+    layer of unknown structure contributes its estimate and the bound says NOT certified."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(9, 5, 3, padding=1).double()
+    b = model_bound(nn.Sequential(conv), (9, 16, 16))
+    exact = _jacobian_norm(lambda t: conv._conv_forward(t, conv.weight, None), (9, 16, 16))
+    (entry,) = b.layers
+    assert b.certified and entry.norm.method == "torus" and "certified" in str(b)
+    assert entry.norm.lower <= exact <= entry.norm.upper == b.lipschitz
+    small = nn.Conv2d(64, 64, 3, padding=1).double()  # 6×6: the torus is 8×8, the bound loose
+    b = model_bound(nn.Sequential(small), (64, 6, 6))
+    exact = _jacobian_norm(lambda t: small._conv_forward(t, small.weight, None), (64, 6, 6))
+    assert b.certified and b.loose and b.loose[0][0] == "0" and "loose" in str(b)
+    assert exact <= b.lipschitz
+    std = StdConv2d(3, 4, 3, padding=1).double()
+    InputSpectralNorm.apply(std)
+    big = model_bound(nn.Sequential(std), (3, 32, 32))  # 3072 inputs
+    assert not big.certified and big.estimated == ["0"]
+    assert "NOT certified" in str(big) and "only estimated" in str(big)
+    fits = model_bound(nn.Sequential(std), (3, 16, 16))  # 768 inputs: the dense SVD
+    assert fits.certified and fits.layers[0].norm.method == "dense"

@@ -1,10 +1,22 @@
 """Operator-norm spectral normalisation against the SVD of the layer's exact Jacobian."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from lcnn_plugin.layers import SNConv1d, SNConv2d, SNConv3d, SNLinear, conv_operator_norm, name_layers
+from lcnn_plugin.layers import (
+    ConvOperator,
+    SNConv1d,
+    SNConv2d,
+    SNConv3d,
+    SNLinear,
+    conv_certificate,
+    conv_operator_norm,
+    name_layers,
+)
+from lcnn_plugin.layers.spectral import DENSE_SMALL, certify, dense_norm
 
 # (in, out, kernel, stride, padding, dilation, groups, padding_mode, input spatial shape)
 CONV2D_CASES = [
@@ -224,3 +236,98 @@ def test_bad_input_names_the_layer():
         SNLinear(4, 2)(torch.randn(2, 5))
     with pytest.raises(ValueError, match="no input shape known yet"):
         SNConv2d(3, 4, 3).lipschitz()
+
+
+# --- certified bounds ---------------------------------------------------------------------------
+
+ND_CASES = [  # (class, in, kernel, stride, padding, padding_mode, input spatial shape)
+    (nn.Conv1d, 3, 3, 2, 1, "zeros", (11,)),
+    (nn.Conv1d, 3, 5, 1, 2, "reflect", (9,)),
+    (nn.Conv1d, 2, 3, 1, 1, "circular", (10,)),
+    (nn.Conv3d, 2, 3, 2, 1, "zeros", (5, 4, 6)),
+    (nn.Conv3d, 2, 3, 1, 1, "circular", (4, 4, 3)),
+]
+
+
+def _all_convs():
+    for cin, cout, k, s, p, d, g, mode, spatial in CONV2D_CASES:
+        yield nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode), spatial
+    for cls, cin, k, s, p, mode, spatial in ND_CASES:
+        yield cls(cin, 3, k, stride=s, padding=p, padding_mode=mode), spatial
+
+
+def _jacobian_norm(conv: nn.Module, spatial) -> float:
+    x = torch.zeros(1, conv.in_channels, *spatial, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda t: conv._conv_forward(t, conv.weight.double(), None))(x)
+    return torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), ord=2).item()
+
+
+def test_certified_bounds_hold_and_are_within_one_percent():
+    """Over every configuration above: lower <= the exact norm (SVD of the Jacobian) <= upper
+    <= 1.01 exact, from conv_certificate with its defaults."""
+    torch.manual_seed(0)
+    for conv, spatial in _all_convs():
+        exact = _jacobian_norm(conv, spatial)
+        cert = conv_certificate(conv, spatial)
+        assert cert.lower <= exact <= cert.upper <= 1.01 * exact, (conv, spatial, cert, exact)
+
+
+def test_torus_bound_is_an_upper_bound_exact_for_circular_padding():
+    """The symbol's bound alone (no dense shortcut) is above the exact norm in every
+    configuration, equal to it (to 1e-6) for circular padding where the stride divides the
+    input and the outputs do not meet, and Lanczos from its vector gives a lower bound."""
+    torch.manual_seed(1)
+    for conv, spatial in _all_convs():
+        conv = conv.double()
+        exact = _jacobian_norm(conv, spatial)
+        op = ConvOperator(conv, spatial)
+        upper, v0 = op.torus_bound()
+        assert upper >= exact * (1 - 1e-12), (conv, spatial, upper, exact)
+        if conv.padding_mode == "circular" and all(n % s == 0 and o * s <= n for n, s, o in zip(
+                spatial, conv.stride, op.out_spatial)):
+            assert upper <= exact * (1 + 1e-6), (conv, spatial, upper, exact)
+        if math.prod(op.in_shape) > DENSE_SMALL:
+            cert = certify(op, dense_limit=0)
+            assert cert.method == "torus" and cert.upper == upper
+            assert cert.lower <= exact * (1 + 1e-12) <= cert.upper * (1 + 1e-12)
+
+
+def test_torus_bound_at_realistic_sizes():
+    """On a 32×32 input the zero-padded 3×3 convolution's certified bound is within 1% of the
+    Lanczos lower bound; on a 16×16 circular one it equals the dense SVD of the operator; on a
+    1×1 input it is the centre tap's norm."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 16, 3, padding=1).double()
+    cert = conv_certificate(conv, (32, 32))
+    assert cert.method == "torus" and cert.gap <= 0.01, cert
+    sigma, _, ok = conv_operator_norm(conv, (32, 32))
+    assert ok and cert.lower <= sigma * (1 + 1e-9) <= cert.upper
+    circ = nn.Conv2d(8, 6, 3, stride=2, padding=1, padding_mode="circular").double()
+    op = ConvOperator(circ, (16, 16))
+    upper, _ = op.torus_bound()
+    exact = dense_norm(op)
+    assert exact <= upper <= exact * (1 + 1e-6)
+    # on a 1×1 input only the centre tap of a padded 3×3 kernel acts: the bound is its matrix norm
+    point = nn.Conv2d(300, 20, 3, padding=1).double()
+    upper, _ = ConvOperator(point, (1, 1)).torus_bound()
+    centre = torch.linalg.matrix_norm(point.weight[:, :, 1, 1].detach(), ord=2).item()
+    assert centre <= upper <= centre * (1 + 1e-6)
+
+
+def test_layer_lipschitz_is_certified():
+    """An SN layer's lipschitz() is the certified upper bound of c·‖A‖/σ, also on a shape it
+    was not trained on, and on a large input where the symbol's bound is used."""
+    conv = SNConv2d(4, 6, 3, stride=2, padding=1).double().train()
+    with torch.no_grad():
+        conv(torch.randn(2, 4, 9, 7, dtype=torch.float64))
+    conv.eval()
+    for spatial in [(9, 7), (6, 6), (40, 40)]:
+        shape = (4, *spatial)
+        exact = dense_norm(ConvOperator(conv, spatial)) if spatial != (40, 40) else None
+        cert = conv.lipschitz_certificate(shape)
+        scale = float(conv.sn_sigma if spatial == (9, 7) else conv._sn_engine.eval_sigma(conv, shape))
+        assert conv.lipschitz(shape) == cert.upper
+        if exact is not None:
+            assert cert.lower <= exact / scale <= cert.upper <= exact / scale * 1.01
+        else:
+            assert cert.method == "torus" and cert.lower <= cert.upper

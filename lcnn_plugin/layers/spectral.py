@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -55,7 +57,10 @@ from .. import linalg
 _EPS = 1e-12
 INIT_TOL = 1e-4  # Ritz residual / σ² of a new shape's σ (σ within ~1e-4 relative)
 INIT_MAX_ITER = 1000  # operator applications allowed for it
-BOUND_TOL = 1e-6  # Ritz residual / σ² of the float64 norms behind lipschitz() and the bounds
+BOUND_TOL = 1e-6  # Ritz residual / σ² of the float64 Lanczos estimates behind the bounds
+CERT_TARGET = 0.01  # a certified bound's lower side is refined until within 1% of the upper
+DENSE_SMALL = 256  # inputs of at most this many elements: the dense operator's SVD at once
+DENSE_LIMIT = 1024  # ... up to this many: the dense SVD where the symbol's bound is loose
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -182,6 +187,117 @@ class ConvOperator:
         y = _CONV_T[self.nd](u, self._w(), None, c.stride, 0, self.output_padding, c.groups, c.dilation)
         return self._pad_adjoint(y)
 
+    # -- a certified upper bound -------------------------------------------------------------
+    def torus_bound(self) -> tuple[float, torch.Tensor]:
+        """An upper bound of ‖A‖₂ from the convolution's symbol on a torus, and the symbol's
+        top singular vector as an input (a start vector for Lanczos). float64.
+
+        zeros padding: the padded input sits isometrically in a torus of T ≥ the padded size
+        (a multiple of the stride) where the layer is a strided circular convolution that
+        never wraps, and the layer's outputs are some of its outputs, so ‖A‖ ≤ its norm.
+        circular padding: the torus is the input's own. reflect/replicate padding: the layer
+        is a padding-free convolution on the padded input after the copy map P (‖P‖ = √(the
+        most copies of one input element)), so ‖A‖ ≤ ‖P‖ times that convolution's bound.
+        Phase by phase (x_r[q] = x[s q + r]), a strided circular convolution is a stride-1
+        one from C·Πs channels, whose norm is the largest singular value of its symbol over
+        the torus' frequencies (exact). Outputs that meet on the torus (circular padding
+        wider than 'same', or a stride not dividing the input) count √(multiplicity).
+        """
+        c = self.conv
+        nd, g = self.nd, c.groups
+        copy_norm = 1.0
+        if self.mode in ("reflect", "replicate"):
+            counts = torch.bincount(self._gather_index(torch.device("cpu")))
+            copy_norm = float(counts.max()) ** 0.5
+        torus, stride, offset, mult = [], [], [], 1
+        for d in range(nd):
+            left = self.pads[2 * (nd - 1 - d)]
+            s = c.stride[d]
+            if self.mode == "circular":
+                n, off = self.spatial[d], -left
+                if n % s:
+                    s = 1  # positions (i·stride − left) mod n on the stride-1 torus
+                    pos = [(i * c.stride[d] - left) % n for i in range(self.out_spatial[d])]
+                    mult *= max(pos.count(p) for p in set(pos))
+                else:
+                    mult *= -(-self.out_spatial[d] // (n // s))
+            else:  # zeros, or the padded input of reflect/replicate: no wrap-around
+                n, off = -(-self.padded[d] // s) * s, 0
+            torus.append(n)
+            stride.append(s)
+            offset.append(off)
+        small = [t // s for t, s in zip(torus, stride)]
+        phases = math.prod(stride)
+        w = self._w().detach().double()
+        co, ci = w.shape[0] // g, w.shape[1]
+        w = w.reshape(g, co, ci, *c.kernel_size)
+        if self.mode == "zeros":  # taps that only ever meet the padding do not act: drop them
+            for d in range(nd):
+                left, n, reads = self.pads[2 * (nd - 1 - d)], self.spatial[d], range(self.out_spatial[d])
+                hit = [any(0 <= i * c.stride[d] + a * c.dilation[d] - left < n for i in reads)
+                       for a in range(c.kernel_size[d])]
+                mask = torch.tensor(hit, dtype=w.dtype).view([-1 if e == 3 + d else 1 for e in range(3 + nd)])
+                w = w * mask
+        kernel = w.new_zeros(g, co, ci, phases, *small)
+        for tap in itertools.product(*(range(k) for k in c.kernel_size)):
+            phase, shift = 0, []
+            for d in range(nd):
+                pos = tap[d] * c.dilation[d] + offset[d]
+                phase = phase * stride[d] + pos % stride[d]
+                shift.append((pos // stride[d]) % small[d])
+            kernel[(slice(None),) * 3 + (phase, *shift)] += w[(slice(None),) * 3 + tap]
+        kernel = kernel.flatten(2, 3)  # (g, co, ci·phases, *small)
+        spatial_dims = tuple(range(3, 3 + nd))
+        used = kernel.flatten(3).abs().sum((0, 1, 2)).nonzero().flatten().tolist() or [0]
+        # every tap at one shift: the symbol is that matrix times a phase, one frequency will do
+        constant = len(used) == 1
+        symbol = kernel.flatten(3)[..., used].to(torch.complex128) if constant else \
+            torch.fft.rfftn(kernel, dim=spatial_dims)
+        grid = symbol.shape[3:]
+        mats = symbol.flatten(3).permute(0, 3, 1, 2)  # (g, frequencies, co, ci·phases)
+        top, where = _max_gram_eigenvalue(mats)
+        size = min(mats.shape[-2:])
+        bound = top ** 0.5 * (1 + _rounding(size)) * (mult * copy_norm**2) ** 0.5
+        return bound, self._torus_vector(mats[where], where, grid, small, stride, torus, constant)
+
+    def _torus_vector(self, mat: torch.Tensor, where: tuple[int, int], rfft_shape: Sequence[int],
+                      small: Sequence[int], stride: Sequence[int], torus: Sequence[int],
+                      constant: bool) -> torch.Tensor:
+        """The real part of the plane wave u·e^{-iωq} (u the top right singular vector of the
+        symbol at frequency ω) as an input of the layer: phases put back in place, cropped
+        from the torus to the input (the zeros-padded frame: from the left padding)."""
+        nd, g = self.nd, self.conv.groups
+        group, freq = where
+        if mat.shape[0] < mat.shape[1]:  # the top right singular vector from the smaller Gram
+            u = mat.mH @ torch.linalg.eigh(mat @ mat.mH)[1][:, -1]
+        else:
+            u = torch.linalg.eigh(mat.mH @ mat)[1][:, -1]  # (ci·phases,)
+        grid = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in small), indexing="ij")
+        if constant:
+            angle = torch.zeros(small, dtype=torch.float64)
+        else:
+            half = list(rfft_shape)  # index → frequency per dim of the rfftn grid
+            idx = []
+            for d in reversed(range(nd)):
+                idx.append(freq % half[d])
+                freq //= half[d]
+            idx.reverse()
+            angle = sum(-2 * math.pi * idx[d] * grid[d] / small[d] for d in range(nd))
+        wave = (u.view(-1, *([1] * nd)) * torch.polar(torch.ones_like(angle), angle)).real
+        ci = self.conv.in_channels // g
+        wave = wave.view(ci, *stride, *small)  # (ci, s_1..s_nd, t_1..t_nd) → (ci, t_1 s_1, ...)
+        order = [0] + [x for d in range(nd) for x in (1 + nd + d, 1 + d)]
+        wave = wave.permute(order).reshape(ci, *torus)
+        if self.mode != "circular":
+            sl = []
+            for d in range(nd):
+                left = self.pads[2 * (nd - 1 - d)] if self.mode == "zeros" else 0
+                sl.append(slice(left, left + self.spatial[d]))
+            wave = wave[(slice(None), *sl)]
+        v = wave.new_zeros(self.conv.in_channels, *self.spatial)
+        v[group * ci:(group + 1) * ci] = wave
+        return v.unsqueeze(0)
+
 
 class MatrixOperator:
     """x ↦ W x of a linear layer (rows of a batch (B, in_features))."""
@@ -218,6 +334,145 @@ class AffineOperator:
             v = torch.zeros(u.shape[0], *self.in_shape, dtype=u.dtype, device=u.device, requires_grad=True)
             (g,) = torch.autograd.grad(self.module.forward(v), v, u)
         return g
+
+
+def _rounding(n: int) -> float:
+    """Relative margin for float64 rounding in the n×n products and factorisations behind a
+    bound (8·n²·u, u = 2⁻⁵³: above the normwise backward-error bounds γₙ·n of a Gram product,
+    a Householder reduction, a Cholesky factorisation and the FFT at these sizes)."""
+    return 8 * n * n * 2.0**-53
+
+
+def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tuple[int, int]]:
+    """max over a batch (g, f, m, n) of complex matrices M of λmax(MᴴM) = ‖M‖², certified, and
+    where it is attained. Exact for the matrix whose power-iteration estimate is largest; every
+    other is shown to be at most that value (1 + 1e-6) by a Cholesky factorisation of
+    μI − MᴴM (a third of an eigen-solve), and only those that fail are solved exactly."""
+    g, f = mats.shape[:2]
+    grams, estimates = [], []
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, f, chunk):  # frequency chunks bound the temporaries
+        m = mats[:, start:start + chunk]
+        gram = m.mH @ m if m.shape[-1] <= m.shape[-2] else m @ m.mH
+        v = torch.randn(*gram.shape[:-1], 1, generator=gen, dtype=torch.float64).to(gram.dtype)
+        for _ in range(16):
+            v = gram @ v
+            v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+        grams.append(gram)
+        estimates.append((v.mH @ gram @ v).real.flatten(2).squeeze(-1))
+    estimate = torch.cat(estimates, 1)  # (g, f) Rayleigh quotients
+    i = int(estimate.argmax())
+    where = (i // f, i % f)
+    best = float(torch.linalg.eigvalsh(grams[where[1] // chunk][where[0], where[1] % chunk])[-1])
+    mu = max(best, 0.0) * (1 + 1e-6)
+    for c, gram in enumerate(grams):
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+        _, info = torch.linalg.cholesky_ex(mu * eye - gram)
+        for gi, fi in (info != 0).nonzero().tolist():  # not shown below μ: solve it
+            lam = float(torch.linalg.eigvalsh(gram[gi, fi])[-1])
+            if lam > best:
+                best, where = lam, (gi, c * chunk + fi)
+    return max(best, mu), where
+
+
+@dataclass(frozen=True)
+class NormCertificate:
+    """Two-sided bounds of an operator norm: ``lower`` ≤ ‖A‖₂ ≤ ``upper``.
+
+    ``upper`` is None when no certified bound is known (``lower`` is then a converged Lanczos
+    estimate, from below). ``method`` says how ``upper`` was obtained: ``dense`` (the SVD of
+    the operator built column by column), ``svd`` (a matrix), ``torus`` (the convolution's
+    symbol, :meth:`ConvOperator.torus_bound`) or ``estimate`` (none).
+    """
+
+    upper: float | None
+    lower: float
+    method: str
+
+    @property
+    def gap(self) -> float | None:
+        """upper/lower − 1 (None without an upper bound)."""
+        if self.upper is None:
+            return None
+        return self.upper / self.lower - 1 if self.lower > 0 else (0.0 if self.upper == 0 else math.inf)
+
+    def scaled(self, c: float) -> NormCertificate:
+        return NormCertificate(None if self.upper is None else self.upper * c, self.lower * c, self.method)
+
+
+def matrix_certificate(weight: torch.Tensor) -> NormCertificate:
+    """Bounds of a matrix's 2-norm from its SVD in float64 (``svd``)."""
+    w = weight.detach().double()
+    sigma = float(torch.linalg.matrix_norm(w, ord=2))
+    margin = _rounding(min(w.shape))
+    return NormCertificate(sigma * (1 + margin), sigma * (1 - margin), "svd")
+
+
+def dense_norm(op: Operator) -> float:
+    """‖A‖₂ by the SVD of A, built by applying the operator to the identity (float64)."""
+    d = math.prod(op.in_shape)
+    cols = []
+    with torch.no_grad():
+        for start in range(0, d, 512):
+            eye = torch.zeros(min(512, d - start), d, dtype=torch.float64, device=_device(op))
+            eye[:, start:].fill_diagonal_(1.0)
+            cols.append(op.matvec(eye.view(-1, *op.in_shape)).flatten(1))
+    return float(torch.linalg.matrix_norm(torch.cat(cols), ord=2))
+
+
+def _device(op: Operator) -> torch.device:
+    module = getattr(op, "conv", None) or getattr(op, "linear", None) or op.module
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def certify(op: Operator, v0: torch.Tensor | None = None, target: float = CERT_TARGET,
+            dense_limit: int = DENSE_LIMIT) -> NormCertificate:
+    """Bounds of ‖A‖₂ of a float64 operator by the cheapest route that is within ``target``.
+
+    A matrix: its SVD. An input of at most :data:`DENSE_SMALL` elements: the dense operator's
+    SVD. A convolution: the symbol's bound (:meth:`ConvOperator.torus_bound`) with a lower
+    bound ‖A v‖ from Lanczos on AᵀA, started at ``v0`` (default: the symbol's vector) and run
+    until within ``target`` of it or converged (Ritz residual ≤ :data:`INIT_TOL`·σ²); still
+    further apart, the dense SVD when the input has at most ``dense_limit`` elements, else the
+    bound as it is (loose). Any other operator (no known structure): the dense SVD up to
+    ``dense_limit`` elements, else only the Lanczos estimate (to :data:`BOUND_TOL`, ``upper``
+    None).
+    """
+    if isinstance(op, MatrixOperator):
+        return matrix_certificate(op._w())
+    d = math.prod(op.in_shape)
+    upper = None
+    if d <= DENSE_SMALL:
+        return _dense_certificate(op)
+    if isinstance(op, ConvOperator):
+        upper, start = op.torus_bound()
+        v0 = start if v0 is None else v0
+    elif d <= dense_limit:
+        return _dense_certificate(op)
+    seeded = _seeded_start(op.in_shape, torch.empty((), dtype=torch.float64, device=_device(op)))
+    # a little of the seeded vector: a start inside an invariant subspace (one group of a
+    # grouped convolution, an exact eigenvector) would keep Lanczos from the top
+    v0 = seeded if v0 is None else linalg.unit(v0.reshape(seeded.shape)) + 1e-3 * seeded
+    enough = None if upper is None else (upper / (1 + target)) ** 2
+    tol, max_iter = (BOUND_TOL, 2000) if upper is None else (INIT_TOL, 300)
+    with torch.no_grad():
+        _, _, _, v = linalg.operator_norm(_gram(op), v0, tol=tol, max_iter=max_iter, cycle=16, enough=enough)
+        lower = float(op.matvec(linalg.unit(v)).norm()) * (1 - _rounding(d))
+    if upper is None:
+        return NormCertificate(None, lower, "estimate")
+    if lower > upper:
+        raise RuntimeError(f"a Rayleigh quotient ({lower}) exceeds the certified bound ({upper}): "
+                           "the bound is wrong for this operator")
+    if upper > lower * (1 + target) and d <= dense_limit:
+        return _dense_certificate(op)
+    return NormCertificate(upper, lower, "torus")
+
+
+def _dense_certificate(op: Operator) -> NormCertificate:
+    sigma = dense_norm(op)
+    margin = _rounding(math.prod(op.in_shape))
+    return NormCertificate(sigma * (1 + margin), sigma * (1 - margin), "dense")
 
 
 def _gram(op: Operator):  # noqa: ANN202
@@ -436,13 +691,29 @@ class SpectralNorm:
             v0 = _seeded_start(shape, torch.empty((), dtype=torch.float64, device=module.weight.device))
         return _bound_norm(op, v0, tol, max_iter)
 
-    def lipschitz(self, module: nn.Module, shape: Sequence[int] | None = None) -> float:
-        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``shape`` (default: trained)."""
+    def certificate(self, module: nn.Module, shape: Sequence[int] | None = None) -> NormCertificate:
+        """Bounds of ‖A‖₂ of the layer's raw operator (without c/σ) on inputs of ``shape``,
+        float64 (see :func:`certify`): exact for a linear layer and for small inputs, the
+        symbol's bound for a convolution, only an estimate for an affine layer (whose
+        structure is unknown) on inputs above :data:`DENSE_LIMIT` elements."""
         shape = self._shape_or_trained(module, shape)
-        sigma, _, ok = self.operator_norm(module, shape)
-        if not ok:
-            raise ValueError(f"{layer_name(module)}: operator-norm estimate did not converge")
-        return sigma * float(self.eval_factor(module, shape).detach())
+        if self.kind == "affine":
+            op: Operator = AffineOperator(copy.deepcopy(module).double(), shape)
+        else:
+            op = self.operator(module, shape, module.weight.detach().double())
+        v0 = self._batched(module, shape).detach().double() if self.trained_shape(module) == shape else None
+        return certify(op, v0)
+
+    def lipschitz_certificate(self, module: nn.Module, shape: Sequence[int] | None = None) -> NormCertificate:
+        """Bounds of the eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``shape``."""
+        shape = self._shape_or_trained(module, shape)
+        return self.certificate(module, shape).scaled(float(self.eval_factor(module, shape).detach()))
+
+    def lipschitz(self, module: nn.Module, shape: Sequence[int] | None = None) -> float:
+        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``shape`` (default: trained):
+        a certified upper bound, or the estimate where none is known (see :meth:`certificate`)."""
+        cert = self.lipschitz_certificate(module, shape)
+        return cert.lower if cert.upper is None else cert.upper
 
     # -- state ------------------------------------------------------------------------------
     def _compatible(self, module: nn.Module, saved: torch.Tensor) -> bool:
@@ -523,8 +794,13 @@ class _SNLayer:
         return self._sn_engine.operator_norm(self, input_shape, tol, max_iter)
 
     def lipschitz(self, input_shape: Sequence[int] | None = None) -> float:
-        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``input_shape``."""
+        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``input_shape``, certified
+        (an upper bound of it; see :meth:`lipschitz_certificate`)."""
         return self._sn_engine.lipschitz(self, input_shape)
+
+    def lipschitz_certificate(self, input_shape: Sequence[int] | None = None) -> NormCertificate:
+        """Bounds lower ≤ c·‖A‖₂/σ ≤ upper on inputs of ``input_shape``, and how they were found."""
+        return self._sn_engine.lipschitz_certificate(self, input_shape)
 
     def curvature_bound(self, input_shape: Sequence[int] | None = None) -> float:
         return 0.0
@@ -586,13 +862,21 @@ def is_spectrally_normalized(module: nn.Module) -> bool:
     return SpectralNorm.of(module) is not None
 
 
-def spectral_input_shapes(model: nn.Module, x: torch.Tensor) -> dict[nn.Module, tuple[int, ...]]:
+def spectral_input_shapes(model: nn.Module, x: torch.Tensor, settle: bool = False,
+                          ) -> dict[nn.Module, tuple[int, ...]]:
     """Run ``model(x)`` (as the model's mode and grad mode are) and return the input shape each
-    spectrally normalised layer saw first (per example, as :meth:`SpectralNorm.input_shape`)."""
+    spectrally normalised layer saw first (per example, as :meth:`SpectralNorm.input_shape`).
+    ``settle``: that shape becomes the layer's trained shape (:meth:`SpectralNorm.reset`)
+    before its forward runs, so that σ is computed once per layer (an eval forward on a new
+    shape would compute it for the eval cache first)."""
     shapes: dict[nn.Module, tuple[int, ...]] = {}
 
     def record(module: nn.Module, args: tuple) -> None:
-        shapes.setdefault(module, SpectralNorm.of(module).input_shape(module, args[0]))
+        if module not in shapes:
+            engine = SpectralNorm.of(module)
+            shapes[module] = engine.input_shape(module, args[0])
+            if settle:
+                engine.reset(module, shapes[module])
 
     handles = [m.register_forward_pre_hook(record, prepend=True)
                for m in model.modules() if is_spectrally_normalized(m)]
@@ -642,8 +926,14 @@ class InputSpectralNorm:
         SpectralNorm.of(module).detach(module)
 
     def lipschitz(self, module: nn.Module, input_shape: Sequence[int] | None = None) -> float:
-        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``input_shape`` (default: trained)."""
+        """Eval-mode Lipschitz constant c·‖A‖₂/σ on inputs of ``input_shape`` (default: trained):
+        certified on inputs of at most :data:`DENSE_LIMIT` elements, else an estimate (the
+        layer's structure is unknown; see :meth:`lipschitz_certificate`)."""
         return SpectralNorm.of(module).lipschitz(module, input_shape)
+
+    def lipschitz_certificate(self, module: nn.Module, input_shape: Sequence[int] | None = None
+                              ) -> NormCertificate:
+        return SpectralNorm.of(module).lipschitz_certificate(module, input_shape)
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
@@ -662,6 +952,13 @@ def conv_operator_norm(
     w = (conv.weight if weight is None else weight).detach().double()
     op = ConvOperator(conv, spatial, w)
     return _bound_norm(op, _seeded_start(op.in_shape, w), tol, max_iter)
+
+
+def conv_certificate(conv: nn.modules.conv._ConvNd, spatial: Sequence[int],
+                     weight: torch.Tensor | None = None) -> NormCertificate:
+    """Certified bounds of the operator 2-norm of any ``nn.ConvNd`` (bias excluded) on inputs
+    of shape (C, *spatial): see :func:`certify` and :meth:`ConvOperator.torus_bound`."""
+    return certify(ConvOperator(conv, spatial, (conv.weight if weight is None else weight).detach().double()))
 
 
 def _bound_norm(op: Operator, v0: torch.Tensor, tol: float,

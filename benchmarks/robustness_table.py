@@ -67,7 +67,7 @@ def main() -> None:
         models[name] = (f"{name} (pretrained {file})", model)
     overlay = dict(file=str(Path(args.pretrained) / CHECKPOINTS["cifar_resnet20"]))
     converted, _ = convert(models["cifar_resnet20"][1], example_input=next(iter(loader))[0][:8],
-                           preserve_function=True, bound=False)
+                           preserve_function=True)
     models["cifar_resnet20+convert"] = (
         "cifar_resnet20 converted (lcnn_plugin.convert, preserve_function; no fine-tuning)", converted)
     if args.finetune_data:

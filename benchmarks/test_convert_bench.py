@@ -31,9 +31,9 @@ def test_strip_eval_forward(benchmark, request, convert_model):
     torch.manual_seed(0)
     model = timm.create_model(convert_model, num_classes=10).eval()
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    converted, _ = convert(model, example_input=x[:2], bound=False)
+    converted, _ = convert(model, example_input=x[:2])
     plain = strip(converted.eval()).eval()
-    softplus_twin, _ = convert(model, example_input=x[:2], bound=False, spectral_norm=False,
+    softplus_twin, _ = convert(model, example_input=x[:2], spectral_norm=False,
                                lipschitz_bn=False)
     softplus_twin.eval()
 

@@ -400,9 +400,7 @@ def _settle_spectral_norms(model: nn.Module, example_input: torch.Tensor) -> lis
     """One eval forward on the example; each spectrally normalised layer's input shape there
     becomes its trained shape (σ and v converged, see :meth:`SpectralNorm.reset`). Returns
     the layers."""
-    shapes = spectral_input_shapes(model, example_input)
-    for m, shape in shapes.items():
-        SpectralNorm.of(m).reset(m, shape)
+    spectral_input_shapes(model, example_input, settle=True)
     return [m for m in model.modules() if is_spectrally_normalized(m)]
 
 
@@ -432,7 +430,7 @@ def convert(
     example_input: torch.Tensor | None = None,
     max_pool: str = "keep",
     inplace: bool = False,
-    bound: bool = True,
+    bound: bool = False,
     allow_converted: bool = False,
 ) -> tuple[nn.Module, ConversionReport]:
     """Convert ``model`` into an LCNN; returns (converted model, :class:`ConversionReport`).
@@ -455,8 +453,9 @@ def convert(
             and measures agreement.
         max_pool: "keep" or "avg" (replace ``nn.MaxPool2d`` by average pooling).
         inplace: convert ``model`` itself instead of a deep copy.
-        bound: compute the data-free bounds (:func:`lcnn_plugin.model_bound`) at the example's
-            input size (float64 operator norms: seconds to minutes for large models).
+        bound: also compute the data-free bounds (:func:`lcnn_plugin.model_bound`, certified)
+            at the example's input size; off by default (seconds to a minute for large models
+            at 224×224): ``model_bound(converted, input_size)`` or ``lcnn bound`` later.
         allow_converted: leave layers that are already LCNN layers alone and convert the rest
             (e.g. a new classifier after ``reset_classifier``); otherwise an already converted
             model raises :class:`ConversionError`.
@@ -546,7 +545,7 @@ def convert(
         except Exception as e:  # noqa: BLE001 - the reason is the report's content
             report.bound_error = f"none ({type(e).__name__}: {e})"
     else:
-        report.bound_error = "not computed (bound=False)"
+        report.bound_error = "not computed (convert(..., bound=True), model_bound() or `lcnn bound`)"
     return target, report
 
 

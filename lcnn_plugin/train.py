@@ -137,7 +137,7 @@ def build_model(config: TrainConfig, pretrained: bool = True) -> nn.Module:
         kwargs.pop("pretrained")
     model = check.timm_model(config.model, pretrained_file=file, **kwargs)
     if config.convert is not None:
-        model, _ = convert(model, bound=False, **config.convert)
+        model, _ = convert(model, **config.convert)
     return model
 
 

@@ -156,7 +156,7 @@ API_CASES = [
      "labels must be integers"),
     ("evaluate: max_examples = 0", lambda m: evaluate(m, [], ["fgsm"], [0.1], max_examples=0, progress=False),
      "max_examples: expected an integer >= 1"),
-    ("convert: NaN example input", lambda m: convert(m, example_input=_x().fill_(math.nan), bound=False),
+    ("convert: NaN example input", lambda m: convert(m, example_input=_x().fill_(math.nan)),
      "example_input: inputs contain NaN"),
     ("convert: beta < 0", lambda m: convert(m, beta=-1.0), "beta: expected a finite number > 0"),
     ("TrainConfig: lr inf", lambda m: TrainConfig(lr=math.inf).validate(), "lr: expected a finite number"),
@@ -179,7 +179,7 @@ def test_api_warnings(model):
     with pytest.warns(LcnnWarning, match="has no LCNN layer to strip"):
         strip(plain)
     with pytest.warns(LcnnWarning, match="'nothing' matched no module path"):
-        _, rep = convert(plain, exclude=["nothing"], bound=False, example_input=_x(2))
+        _, rep = convert(plain, exclude=["nothing"], example_input=_x(2))
     assert len(rep.warnings) == 1 and rep.warnings[0].startswith("exclude: 'nothing' matched no module path")
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")

@@ -146,7 +146,7 @@ def _trained_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def test_convert_reports_every_change_and_every_uncontrolled_part() -> None:
     x = torch.rand(4, 3, 12, 12)
     model = Tiny()
-    new, report = convert(model, example_input=x)
+    new, report = convert(model, example_input=x, bound=True)
     assert new is not model and type(model.stem) is nn.Conv2d  # a copy by default
     assert isinstance(new.stem, SNConv2d) and isinstance(new.fc, SNLinear)
     assert isinstance(new.act, CenteredSoftplus)
@@ -240,7 +240,7 @@ def test_preserve_function_on_the_pretrained_resnet20() -> None:
     data = load_dataset(str(shared_path("data", "cifar10_test1000_png")), "test")
     x, y = data.floats()
     model = timm.create_model("cifar_resnet20", pretrained=True, pretrained_cfg_overlay=dict(file=str(ckpt)))
-    new, report = convert(model.eval(), example_input=x[:8], preserve_function=True, bound=False)
+    new, report = convert(model.eval(), example_input=x[:8], preserve_function=True)
     new.eval()
     with torch.no_grad():
         ref, out = model(x).argmax(1), new(x).argmax(1)
@@ -258,7 +258,7 @@ def test_strip_bakes_normalisation_into_plain_layers() -> None:
 
     x = torch.rand(4, 3, 12, 12)
     for model in (Tiny(), WithStdConv()):
-        new, _ = convert(_trained_bn(model, x), example_input=x, preserve_function=True, bound=False)
+        new, _ = convert(_trained_bn(model, x), example_input=x, preserve_function=True)
         new.train()
         new(x)  # a training step moves σ and the BN statistics
         new.eval()
@@ -275,14 +275,14 @@ def test_timm_model_stays_a_timm_model() -> None:
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32)
     model = timm.create_model("resnet10t", num_classes=7)
-    new, _ = convert(model, example_input=x, bound=False)
+    new, _ = convert(model, example_input=x)
     new.eval()
     with torch.no_grad():
         torch.testing.assert_close(new.forward_head(new.forward_features(x)), new(x))
     # state_dict round trip into a fresh conversion of the same architecture
     new.train()
     new(x)
-    twin, _ = convert(timm.create_model("resnet10t", num_classes=7), example_input=x, bound=False)
+    twin, _ = convert(timm.create_model("resnet10t", num_classes=7), example_input=x)
     twin.load_state_dict(new.state_dict())
     new.eval(), twin.eval()
     with torch.no_grad():
@@ -290,10 +290,10 @@ def test_timm_model_stays_a_timm_model() -> None:
     # a new classifier is plain until converted; allow_converted converts just it
     new.reset_classifier(3)
     assert type(new.get_classifier()) is nn.Linear
-    new, report = convert(new, example_input=x, allow_converted=True, bound=False)
+    new, report = convert(new, example_input=x, allow_converted=True)
     assert [c.path for c in report.changes] == ["fc"] and new(x).shape == (2, 3)
     # features_only models convert too
-    feats, _ = convert(timm.create_model("resnet10t", features_only=True), example_input=x, bound=False)
+    feats, _ = convert(timm.create_model("resnet10t", features_only=True), example_input=x)
     assert [f.shape[1] for f in feats(x)] == feats.feature_info.channels()
     # torch.compile of the converted model equals eager
     compiled = torch.compile(new.eval(), backend="aot_eager")
@@ -303,8 +303,8 @@ def test_timm_model_stays_a_timm_model() -> None:
 
 def test_max_pool_avg_gives_a_finite_curvature_bound() -> None:
     x = torch.rand(2, 3, 32, 32)
-    _, keep = convert(timm.create_model("resnet10t"), example_input=x)
-    _, avg = convert(timm.create_model("resnet10t"), example_input=x, max_pool="avg")
+    _, keep = convert(timm.create_model("resnet10t"), example_input=x, bound=True)
+    _, avg = convert(timm.create_model("resnet10t"), example_input=x, max_pool="avg", bound=True)
     assert keep.bound.lipschitz is not None and keep.bound.curvature is None
     assert avg.bound.curvature is not None and math.isfinite(avg.bound.curvature)
     assert ("maxpool", "pooling") in {(c.path, c.kind) for c in avg.changes}

@@ -42,7 +42,7 @@ def conversion_row(name: str) -> tuple[list[str], bool]:
     kw = {"img_size": 32} if name.startswith(("vit_", "deit_", "levit_")) else {}
     model = timm.create_model(name, num_classes=10, **kw)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    converted, report = convert(model, example_input=x)
+    converted, report = convert(model, example_input=x, bound=True)
     converted.train()
     out = converted(x)
     out.square().sum().backward()

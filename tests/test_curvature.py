@@ -371,7 +371,7 @@ def test_measure_defaults_on_converted_timm_models_equal_unfolded(name):
     from lcnn_plugin import convert
 
     torch.manual_seed(0)
-    model, _ = convert(timm.create_model(name, num_classes=10), bound=False)
+    model, _ = convert(timm.create_model(name, num_classes=10))
     model.train()
     with torch.no_grad():
         for _ in range(3):

@@ -38,8 +38,7 @@ def _trained_lcnn() -> nn.Module:
 
 def _converted_timm() -> nn.Module:
     torch.manual_seed(0)
-    model, _ = convert(timm.create_model("resnet18", num_classes=10), example_input=torch.rand(2, 3, 32, 32),
-                       bound=False)
+    model, _ = convert(timm.create_model("resnet18", num_classes=10), example_input=torch.rand(2, 3, 32, 32))
     model.train()
     with torch.no_grad():
         for _ in range(3):
@@ -136,7 +135,7 @@ def _grads_with_and_without_checkpointing(model: nn.Module, enable, x: torch.Ten
 def test_checkpointing_sees_the_forwards_sigma_on_a_converted_timm_model() -> None:
     torch.manual_seed(0)
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
-    model, _ = convert(timm.create_model("resnet18", num_classes=5).double(), example_input=x, bound=False)
+    model, _ = convert(timm.create_model("resnet18", num_classes=5).double(), example_input=x)
     _grads_with_and_without_checkpointing(model, lambda m: m.set_grad_checkpointing(True), x)
 
 
@@ -144,7 +143,7 @@ def test_checkpointing_sees_the_forwards_sigma_on_a_converted_timm_model() -> No
 def test_checkpointing_sees_the_forwards_sigma_through_input_spectral_norm(reentrant: bool) -> None:
     torch.manual_seed(0)
     x = torch.rand(2, 3, 9, 9, dtype=torch.float64)
-    model, _ = convert(_SameBlocks(reentrant).double(), example_input=x, bound=False)
+    model, _ = convert(_SameBlocks(reentrant).double(), example_input=x)
     x.requires_grad_(True)  # reentrant checkpointing gives gradients only through inputs that need them
     _grads_with_and_without_checkpointing(model, lambda m: setattr(m, "checkpointing", True), x)
 
@@ -171,7 +170,7 @@ def test_checkpoint_written_before_the_engine_loads_with_equal_outputs() -> None
 
     net = LcnnResNet(layers=(1, 1, 1, 1), width=4, stem="cifar", num_classes=10)
     net.load_state_dict(part("resnet."))
-    conv, _ = convert(_Small(), example_input=torch.rand(2, 3, 12, 12), preserve_function=True, bound=False)
+    conv, _ = convert(_Small(), example_input=torch.rand(2, 3, 12, 12), preserve_function=True)
     conv.load_state_dict(part("converted."))
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(saved["input.resnet"]), saved["logits.resnet"],

@@ -16,7 +16,7 @@ from lcnn_plugin.layers import (
     conv_operator_norm,
     name_layers,
 )
-from lcnn_plugin.layers.spectral import DENSE_SMALL, certify, dense_norm
+from lcnn_plugin.layers.spectral import DENSE_SMALL, _max_gram_eigenvalue, certify, dense_norm
 
 # (in, out, kernel, stride, padding, dilation, groups, padding_mode, input spatial shape)
 CONV2D_CASES = [
@@ -331,3 +331,24 @@ def test_layer_lipschitz_is_certified():
             assert cert.lower <= exact / scale <= cert.upper <= exact / scale * 1.01
         else:
             assert cert.method == "torus" and cert.lower <= cert.upper
+
+
+def test_max_gram_eigenvalue_solves_what_the_cholesky_screen_cannot_clear():
+    """The screen takes the matrix with the largest power-iteration estimate as the reference;
+    a matrix whose estimate is low (its top eigenvalue 10 sits in a cluster at 9.99) but whose
+    true top is larger than the reference's (9.998, isolated) fails the Cholesky test and is
+    solved exactly: the result is the true maximum (eigvalsh of every matrix), found at it."""
+    n = 32
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.complex128, generator=gen))
+    clustered = q @ torch.diag(torch.tensor([10.0] + [9.99] * (n - 1), dtype=torch.complex128)) @ q.mH
+    isolated = torch.diag(torch.tensor([9.998] + [1.0] * (n - 1), dtype=torch.complex128))
+    others = [torch.diag(torch.linspace(0.5, 5.0, n, dtype=torch.float64)).to(torch.complex128)] * 3
+    grams = torch.stack([isolated, *others, clustered])
+    # matrices M with MᴴM = G: the Hermitian square roots
+    evals, evecs = torch.linalg.eigh(grams)
+    mats = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mH
+    top, where = _max_gram_eigenvalue(mats.unsqueeze(0), chunk=2)
+    truth = torch.linalg.eigvalsh(grams)[:, -1]
+    assert abs(top - float(truth.max())) <= 1e-12 * float(truth.max())
+    assert where == (0, 4)

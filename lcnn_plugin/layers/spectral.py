@@ -421,8 +421,10 @@ def dense_norm(op: Operator) -> float:
 
 
 def _device(op: Operator) -> torch.device:
-    module = getattr(op, "conv", None) or getattr(op, "linear", None) or op.module
-    p = next(module.parameters(), None)
+    """The device the operator computes on (the weight it applies, or its module's)."""
+    if isinstance(op, (ConvOperator, MatrixOperator)):
+        return op._w().device
+    p = next(op.module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 

@@ -7,12 +7,13 @@ For maps with Lipschitz constant L and second-derivative bound K (‖D²f(x)[u,u
     scaling c·f:       L = |c| L_f,        K = |c| K_f
 
 so for a chain K_f ≤ Σᵢ Kᵢ (Π_{j<i} L_j)² Π_{j>i} L_j. The model is traced with torch.fx
-(our layers and torch's built-in modules are leaves), shapes are propagated on a zero input
-of ``input_size``, and the rules above are applied along the graph, residual sums
-included. Each layer's own constants come from the layer (``lipschitz_certificate()`` or
-``lipschitz()`` / ``curvature_bound()``, see :mod:`lcnn_plugin.layers`) or, for torch's
-modules, from computations here (a convolution's operator norm on its real input shape,
-a linear layer's SVD, a pooling operator's exact norm, eval BatchNorm's max |w|/σ).
+(:func:`lcnn_plugin.ops.trace`: our layers and torch's built-in modules are leaves), shapes
+are propagated on a zero input of ``input_size``, and the rules above are applied along the
+graph, residual sums included. Each layer's own constants come from the layer
+(``lipschitz_certificate()`` or ``lipschitz()`` / ``curvature_bound()``, see
+:mod:`lcnn_plugin.layers`) or, for torch's modules and functions, from the rules of the one
+table of op facts (:mod:`lcnn_plugin.ops`: a convolution's operator norm on its real input
+shape, a linear layer's SVD, a pooling operator's exact norm, eval BatchNorm's max |w|/σ).
 
 Operator norms are certified upper bounds (:func:`lcnn_plugin.layers.conv_certificate`:
 exact for small inputs, from the convolution's symbol otherwise, each with a lower bound
@@ -34,41 +35,23 @@ affected quantity is None: no number is returned that the rules above do not jus
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import ops
 from . import validate as check
-from .layers.spectral import (
-    CERT_TARGET,
-    InputSpectralNorm,
-    NormCertificate,
-    conv_certificate,
-    matrix_certificate,
-)
+from .layers.spectral import CERT_TARGET, InputSpectralNorm, NormCertificate
+from .ops import Local
 
 
 class UnboundedError(ValueError):
     """Raised (with ``strict=True``) when some part of a model cannot be bounded."""
-
-
-@dataclass(frozen=True)
-class Local:
-    """Constants of one operation: Lipschitz L, curvature K, normalised N (None: unbounded)."""
-
-    L: float | None
-    K: float | None
-    N: float | None
-
-
-LINEAR = Local(1.0, 0.0, 0.0)  # norm-preserving rearrangements and projections (L ≤ 1)
 
 
 @dataclass
@@ -157,86 +140,7 @@ def grouped(pairs: Sequence[tuple[str, str]], show: int = 4) -> list[str]:
     return lines
 
 
-# --- constants of torch's own modules and functions ----------------------------------------
-
-def _pool_axis_norm(size: int, pool: Any) -> float:
-    """Exact 2-norm of a 1-D averaging operator, built by pooling the identity."""
-    eye = torch.eye(size, dtype=torch.float64).view(size, 1, 1, size)
-    mat = pool(eye).reshape(size, -1)
-    return float(torch.linalg.matrix_norm(mat, ord=2))
-
-
-def _avg_pool_norm(m: nn.Module, shape: Sequence[int]) -> float:
-    h, w = shape[-2:]
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        oh, ow = (m.output_size, m.output_size) if isinstance(m.output_size, int) else m.output_size
-        oh, ow = oh or h, ow or w
-        return _pool_axis_norm(h, lambda t: F.adaptive_avg_pool2d(t, (1, oh))) * _pool_axis_norm(
-            w, lambda t: F.adaptive_avg_pool2d(t, (1, ow))
-        )
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    k, s, p = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
-    norms = []
-    for axis, n in enumerate((h, w)):
-        norms.append(_pool_axis_norm(n, lambda t, a=axis: F.avg_pool2d(
-            t, (1, k[a]), (1, s[a]), (0, p[a]), m.ceil_mode, m.count_include_pad)))
-    return norms[0] * norms[1]
-
-
-_SIGMOID_K = 1.0 / (6.0 * math.sqrt(3.0))  # max |σ''|
-_TANH_K = 4.0 / (3.0 * math.sqrt(3.0))  # max |tanh''|
-
-
-def _torch_module_local(m: nn.Module, shape: Sequence[int]) -> Local | NormCertificate | str:
-    """Constants of a torch built-in module (the bounds of its norm for a linear map), or the
-    reason it cannot be bounded."""
-    if isinstance(m, (nn.Identity, nn.Flatten, nn.Unflatten)) or isinstance(m, nn.modules.dropout._DropoutNd):
-        return LINEAR
-    if isinstance(m, nn.modules.conv._ConvNd):
-        if isinstance(m, nn.modules.conv._ConvTransposeNd):
-            return "transposed convolutions are not supported by the bound"
-        return conv_certificate(m, shape[2:])
-    if isinstance(m, nn.Linear):
-        return matrix_certificate(m.weight)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        if m.running_var is None:
-            return "BatchNorm without running statistics is not Lipschitz-bounded in eval"
-        inv = torch.rsqrt(m.running_var.double() + m.eps)
-        if m.affine:
-            inv = inv * m.weight.detach().double().abs()
-        return Local(float(inv.max()), 0.0, 0.0)
-    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-        if isinstance(m, nn.AvgPool2d) and m.divisor_override:
-            return "AvgPool2d with divisor_override is not supported"
-        return Local(_avg_pool_norm(m, shape), 0.0, 0.0)
-    if isinstance(m, nn.Upsample) and m.mode == "nearest" and m.scale_factor is not None:
-        factors = m.scale_factor
-        if not isinstance(factors, tuple):
-            factors = (factors,) * (len(shape) - 2)
-        if all(float(f).is_integer() for f in factors):  # each input copied Π fᵢ times
-            return Local(math.sqrt(math.prod(factors)), 0.0, 0.0)
-    if isinstance(m, nn.Softplus):
-        return Local(1.0, m.beta / 4.0, float(m.beta))
-    if isinstance(m, nn.Sigmoid):
-        return Local(0.25, _SIGMOID_K, 1.0)
-    if isinstance(m, nn.Tanh):
-        return Local(1.0, _TANH_K, 2.0)
-    if isinstance(m, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)):
-        slope = abs(m.negative_slope) if isinstance(m, nn.LeakyReLU) else 0.0
-        return Local(max(1.0, slope), None, None)
-    if isinstance(m, nn.MaxPool2d) and m.dilation in (1, (1, 1)):
-        # |max_w x − max_w y| ≤ max_{i∈w} |x_i − y_i|, each input in ≤ ⌈k/s⌉² windows
-        k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
-        st = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
-        return Local(math.sqrt(math.ceil(k[0] / st[0]) * math.ceil(k[1] / st[1])), None, None)
-    return f"no bound is known for {type(m).__name__}"
-
-
-_REASONS = {
-    nn.ReLU: "not twice differentiable (kink at 0): curvature unbounded",
-    nn.MaxPool2d: "max-pooling is not twice differentiable: curvature unbounded",
-}
-
+# --- the constants of one layer ----------------------------------------------------------
 
 def _linear_local(norm: NormCertificate) -> Local:
     """A linear map's constants: its certified norm bound (the estimate where there is none)."""
@@ -246,6 +150,7 @@ def _linear_local(norm: NormCertificate) -> Local:
 def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | None, NormCertificate | None]:
     """(constants, why not bounded or None, the bounds of its operator norm for a linear map)."""
     in_shape = tuple(shape[1:])  # per example: the layers' constants are for this input shape
+    name = type(m).__name__
     hook = InputSpectralNorm.of(m)
     if hook is not None:
         try:
@@ -260,40 +165,16 @@ def _local_of_module(m: nn.Module, shape: Sequence[int]) -> tuple[Local, str | N
         norm_fn = getattr(m, "normalized_curvature_bound", None)
         return Local(float(m.lipschitz(in_shape)), float(m.curvature_bound(in_shape)),
                      float(norm_fn()) if norm_fn else 0.0), None, None
-    res = _torch_module_local(m, shape)
+    op = ops.module_op(m)
+    rule = ops.NO_BOUND if op is None or op.rule is None else op.rule
+    res = rule(m, shape) if callable(rule) else rule
     if isinstance(res, str):
-        return Local(None, None, None), res, None
+        return Local(None, None, None), ops.reason(res, name), None
     if isinstance(res, NormCertificate):
         return _linear_local(res), None, res
     if res.K is None or res.L is None:
-        why = next((r for t, r in _REASONS.items() if isinstance(m, t)), None)
-        return res, why or f"{type(m).__name__} is not twice differentiable", None
+        return res, f"{name} is not twice differentiable: curvature unbounded", None
     return res, None, None
-
-
-_REARRANGE_METHODS = {
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "float", "double", "to", "clone", "expand_as", "split", "chunk", "unbind",
-}
-_REARRANGE_FUNCS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-    torch.unsqueeze, operator.getitem, F.dropout, torch.split, torch.chunk, torch.unbind,
-}
-_ELEMENTWISE_FUNCS: dict[Any, Local] = {
-    torch.sigmoid: Local(0.25, _SIGMOID_K, 1.0),
-    F.sigmoid: Local(0.25, _SIGMOID_K, 1.0),
-    torch.tanh: Local(1.0, _TANH_K, 2.0),
-    F.tanh: Local(1.0, _TANH_K, 2.0),
-    F.relu: Local(1.0, None, None),
-    torch.relu: Local(1.0, None, None),
-}
-
-
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if hasattr(m, "lipschitz") and hasattr(m, "curvature_bound") or InputSpectralNorm.of(m):
-            return True
-        return super().is_leaf_module(m, qualname)
 
 
 @dataclass(frozen=True)
@@ -391,15 +272,15 @@ def model_bound(
         model.train(was_training)
 
 
+def _arg(node: torch.fx.Node, i: int, key: str, default: Any) -> Any:
+    return node.kwargs.get(key, node.args[i] if len(node.args) > i else default)
+
+
 def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> ModelBound:
-    tracer = _Tracer()
-    if tracer.is_leaf_module(model, ""):
-        model = nn.Sequential(model)  # a single layer: trace it as a call to the leaf
     try:
-        graph = tracer.trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure is reported, not hidden
-        raise UnboundedError(f"{type(model).__name__}: cannot be traced by torch.fx ({e})") from e
-    gm = torch.fx.GraphModule(model, graph)
+        gm = ops.trace(model)
+    except ValueError as e:
+        raise UnboundedError(str(e)) from e
     param = next(model.parameters(), None)
     dev = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -412,8 +293,8 @@ def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> Model
     modules = dict(gm.named_modules())
     output: _Flow | None = None
 
-    def shape_of(n: Any) -> tuple[int, ...]:
-        return tuple(n.meta["tensor_meta"].shape)
+    def numel(n: Any) -> int:
+        return math.prod(n.meta["tensor_meta"].shape)
 
     def flag(where: str, why: str) -> None:
         unbounded.append((where, why))
@@ -437,57 +318,67 @@ def _bound(model: nn.Module, input_size: tuple[int, ...], strict: bool) -> Model
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in state]
         if node.op == "call_module":
             flow = state[deps[0]]
-            chain = modules[node.target].bound_chain() if hasattr(modules[node.target], "bound_chain") \
-                else [("", modules[node.target])]
-            for suffix, m in chain:
+            for suffix, m in ops.parts(modules[node.target]):
                 where = f"{node.target}.{suffix}" if suffix else node.target
-                local, why, norm = _local_of_module(m, shape_of(deps[0]))
+                local, why, norm = _local_of_module(m, deps[0].meta["tensor_meta"].shape)
                 layers.append(LayerEntry(where, type(m).__name__, local, norm))
                 if why:
                     flag(where, why)
                 flow = _compose(f"{node.name}.{suffix}" if suffix else node.name, local, flow)
             state[node] = flow
             continue
-        target = node.target
-        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if node.op == "call_method" and target in _REARRANGE_METHODS or target in _REARRANGE_FUNCS:
-            state[node] = state[deps[0]]
-        elif target in (operator.add, operator.sub, torch.add, torch.sub, "add", "sub"):
-            state[node] = _sum([state[a] for a in tensor_args])
-        elif target in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+        name = ops.function_name(node.target) or getattr(node.target, "__name__", str(node.target))
+        op = ops.function_op(node.target)
+        role = op.role if op is not None else None
+        refused = None  # why this operation is not bounded
+        if role == "rearrange":
+            if name == "getitem" and not ops.basic_index(node.args[1]):
+                refused = "indexing with tensors or lists (it can copy elements) is not bounded"
+            elif name == "dropout" and _arg(node, 2, "training", True) and _arg(node, 1, "p", 0.5):
+                refused = "dropout applied in eval (training=True) is not bounded"
+            else:
+                state[node] = state[deps[0]]
+        elif role == "copy":  # broadcasting copies every element the same number of times
+            local = Local(math.sqrt(numel(node) / numel(deps[0])), 0.0, 0.0)
+            state[node] = _compose(node.name, local, state[deps[0]])
+        elif role == "add":
+            if _arg(node, 2, "alpha", 1) != 1:
+                refused = f"{name} with alpha is not bounded"
+            else:
+                state[node] = _sum([state[a] for a in tensor_args])
+        elif role == "scale":
+            divide = name in ops.DIVISIONS
             others = [_constant(gm, a) for a in node.args if a not in tensor_args]
             if len(tensor_args) != 1 or len(others) != 1 or others[0] is None:
-                flag(node.name, f"{name}: only multiplication by a constant is bounded")
-                state[node] = _NONE
-            else:
-                # elementwise scaling by a constant c: Lipschitz max |c| (max |1/c| for a division)
-                c = others[0]
-                if target in (operator.truediv, torch.div, "div"):
-                    if node.args[0] is not tensor_args[0]:
-                        flag(node.name, "division by an input-dependent tensor is not bounded")
-                        state[node] = _NONE
-                        continue
-                    c = 1.0 / c
+                refused = f"{name}: only multiplication by a constant is bounded"
+            elif divide and node.args[0] is not tensor_args[0]:
+                refused = "division by an input-dependent tensor is not bounded"
+            else:  # elementwise scaling by a constant c: Lipschitz max |c| (max |1/c| for a division)
+                c = 1.0 / others[0] if divide else others[0]
                 state[node] = _scale(float(c.max()), state[tensor_args[0]])
-        elif target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") \
-                == "constant":
-            state[node] = state[deps[0]]  # constant padding: an isometric embedding plus a constant
-        elif target in (operator.neg, torch.neg, "neg"):
+        elif role == "neg":
             state[node] = state[deps[0]]
-        elif target in (torch.cat, torch.concat):
+        elif role == "concat":
             state[node] = _sum([state[a] for a in node.args[0] if a in state], quadrature=True)
-        elif target in ("mean", torch.mean):
-            n_in = math.prod(shape_of(deps[0]))
-            n_out = math.prod(shape_of(node)) or 1
-            local = Local(1.0 / math.sqrt(n_in / n_out), 0.0, 0.0)
+        elif role == "reduce":  # a mean (sum) of k elements has norm 1/√k (√k)
+            k = numel(deps[0]) / (numel(node) or 1)
+            local = Local(math.sqrt(k) if name == "sum" else 1.0 / math.sqrt(k), 0.0, 0.0)
             state[node] = _compose(node.name, local, state[deps[0]])
-        elif target in _ELEMENTWISE_FUNCS:
-            local = _ELEMENTWISE_FUNCS[target]
-            if local.K is None:
+        elif role == "padding":
+            mode = _arg(node, 2, "mode", "constant")
+            if mode != "constant":
+                refused = f"{mode} padding is not bounded"
+            else:  # constant padding: an isometric embedding plus a constant
+                state[node] = state[deps[0]]
+        elif op is not None and isinstance(op.rule, Local):  # an elementwise function
+            if op.rule.K is None:
                 flag(node.name, f"{name} is not twice differentiable: curvature unbounded")
-            state[node] = _compose(node.name, local, state[deps[0]])
+            state[node] = _compose(node.name, op.rule, state[deps[0]])
         else:
-            flag(node.name, f"no bound is known for the operation {name}")
+            refused = ops.reason(op.rule if op is not None and isinstance(op.rule, str) else ops.NO_BOUND,
+                                 f"the operation {name}")
+        if refused is not None:
+            flag(node.name, refused)
             state[node] = _NONE
 
     assert output is not None

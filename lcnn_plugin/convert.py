@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import ops
 from . import validate as check
 from .bound import ModelBound, grouped, model_bound
 from .layers.activation import CenteredSoftplus
@@ -69,50 +70,8 @@ __all__ = ["ConversionError", "ConversionReport", "PRESERVE_BETA", "convert", "s
 PRESERVE_BETA = 1000.0  # β of preserve_function: |s0(x) − relu(x)| ≤ log 2/β ≈ 7e-4
 
 
-def _timm_classes(module: str, names: Iterable[str]) -> tuple[type, ...]:
-    try:
-        mod = __import__(module, fromlist=["_"])
-    except ImportError:
-        return ()
-    return tuple(c for c in (getattr(mod, n, None) for n in names) if isinstance(c, type))
-
-
-ACTIVATIONS: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.CELU,
-    nn.SELU, nn.Softplus, nn.PReLU, nn.RReLU,
-) + _timm_classes("timm.layers.activations", (
-    "GELU", "GELUTanh", "QuickGELU", "Swish", "HardSwish", "Mish", "HardMish", "PReLU",
-)) + _timm_classes("timm.layers.activations_me", ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe"))
-
-GATES: tuple[type, ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.GLU, nn.Softmax) + _timm_classes(
-    "timm.layers.activations", ("Sigmoid", "Tanh", "HardSigmoid")
-) + _timm_classes("timm.layers.activations_me", ("HardSigmoidMe",))
-
-# parameter-free modules that are linear and Lipschitz-bounded (not worth a report line)
-_SAFE: tuple[type, ...] = (
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ZeroPad2d,
-    nn.ConstantPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample,
-) + _timm_classes("timm.layers", ("DropPath", "DropBlock2d", "SelectAdaptivePool2d", "PatchDropout"))
-
-_NORMS: tuple[type, ...] = (
-    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm,
-) + tuple(c for c in (getattr(nn, "RMSNorm", None),) if c) + _timm_classes(
-    "timm.layers", ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d")
-)
-
-_ATTENTION: tuple[type, ...] = (nn.MultiheadAttention,)
 _SN_CLASSES = {nn.Conv1d: SNConv1d, nn.Conv2d: SNConv2d, nn.Conv3d: SNConv3d}
 _LCNN_LAYERS = (CenteredSoftplus, LipschitzBatchNorm2d)
-
-# functional nonlinearities recorded during the example forward (by function name)
-_FUNCTIONAL = {
-    "relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
-    "elu", "selu", "celu", "softplus", "sigmoid", "tanh", "softmax", "log_softmax", "glu",
-    "layer_norm", "group_norm", "batch_norm", "rms_norm", "normalize", "scaled_dot_product_attention",
-    "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-    "max_pool2d_with_indices", "adaptive_max_pool2d_with_indices", "erf", "hardtanh", "clamp", "clip",
-}
 
 
 class ConversionError(ValueError):
@@ -197,30 +156,18 @@ def _kept_reason(m: nn.Module, opts: dict[str, Any]) -> tuple[str, str] | None:
         return "linear" if isinstance(m, nn.Linear) else "conv", f"{name}: spectral_norm=False"
     if not opts["lipschitz_bn"] and isinstance(m, nn.modules.batchnorm._BatchNorm):
         return "batchnorm", f"{name}: lipschitz_bn=False"
-    if isinstance(m, GATES):
-        return "gate", f"{name} gate kept (multiplies input-dependent features: not Lipschitz-controlled)"
-    if isinstance(m, _NORMS):
-        return "normalization", f"{name} divides by input-dependent statistics: not Lipschitz-controlled"
-    if isinstance(m, _ATTENTION) or name in ("Attention", "MultiQueryAttentionV2", "AttentionPool2d"):
-        return "attention", f"{name}: softmax of input-dependent scores, not Lipschitz-controlled"
+    op = ops.kind_of(m)
+    if op is not None and op.kept is not None:
+        kind, why = op.kept
+        if op.convert == "pooling" and opts["max_pool"] == "keep":
+            why += " (max_pool='avg' replaces it)"
+        return kind, f"{name}: {why}"
     if isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in name:
         why = "no running statistics" if getattr(m, "running_var", 0) is None else \
             "only BatchNorm2d and timm's BatchNormAct2d are converted"
         return "batchnorm", f"{name}: {why}"
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return "conv", f"{name}: transposed convolutions get no spectral norm"
-    if name in ("LayerScale", "LayerScale2d", "Scale"):
-        return "scale", f"{name}: learnable per-channel scale γ, not normalised (Lipschitz max |γ|)"
-    if name == "CondConv2d":
-        return "conv", "CondConv2d: input-dependent (routed) weights, no spectral norm"
-    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
-                      nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-        replaceable = opts["max_pool"] == "keep" and isinstance(m, nn.MaxPool2d)
-        hint = " (max_pool='avg' replaces it)" if replaceable else ""
-        return "pooling", f"{name}: Lipschitz but not twice differentiable, curvature unbounded{hint}"
-    if isinstance(m, _SAFE) or isinstance(m, ACTIVATIONS) or \
-            isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and not len(m._modules):
-        return None  # linear and bounded, or an empty container (the identity)
+    if op is not None or isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and not len(m._modules):
+        return None  # known with nothing to report (linear and bounded), or an empty container
     own = [n for n, p in m._parameters.items() if p is not None]
     if own and len(m._modules):
         return "parameters", f"{name} uses parameters {', '.join(own)} in its own forward: not controlled"
@@ -265,23 +212,25 @@ def _make_plan(model: nn.Module, opts: dict[str, Any], exclude: Sequence[str],
             opaque.append(path)
             continue
         t = type(m)
-        if isinstance(m, ACTIVATIONS):
+        op = ops.kind_of(m)
+        action = op.convert if op is not None else None
+        if action == "activation":
             convert[path] = "activation"
-        elif opts["lipschitz_bn"] and t is nn.BatchNorm2d and m.track_running_stats:
-            convert[path] = "batchnorm"
-        elif opts["lipschitz_bn"] and t.__name__ == "BatchNormAct2d" and m.running_var is not None:
+        elif opts["lipschitz_bn"] and (t is nn.BatchNorm2d and m.track_running_stats
+                                       or t.__name__ == "BatchNormAct2d" and m.running_var is not None):
             convert[path] = "batchnorm"
         elif opts["spectral_norm"] and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) \
                 and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            # subclasses too: one with its own forward keeps it and is normalised on its input
             convert[path] = "linear" if isinstance(m, nn.Linear) else "conv"
-        elif opts["max_pool"] == "avg" and t is nn.MaxPool2d and m.dilation in (1, (1, 1)) \
-                and not m.return_indices:
+        elif action == "pooling" and opts["max_pool"] == "avg" and t is nn.MaxPool2d \
+                and m.dilation in (1, (1, 1)) and not m.return_indices:
             convert[path] = "pooling"
         else:
             reason = _kept_reason(m, opts)
             if reason is not None:
                 kept.append(Kept(path, *reason))
-            if isinstance(m, _ATTENTION):
+            if isinstance(m, nn.MultiheadAttention):
                 opaque.append(path)  # MultiheadAttention applies its Linear weights functionally
     return _Plan(convert, kept, excluded)
 
@@ -295,7 +244,7 @@ class _FunctionalRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         name = getattr(func, "__name__", "")
-        if self.stack and name.lstrip("_") in _FUNCTIONAL:
+        if self.stack and name.lstrip("_") in ops.NONLINEAR_FUNCTIONS:
             self.found.setdefault(self.stack[-1], set()).add(name.lstrip("_"))
         return func(*args, **(kwargs or {}))
 
@@ -557,18 +506,39 @@ def _agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
                 max_abs_diff=float(diff), rel_diff=float(diff / ref.abs().max().clamp_min(1e-30)))
 
 
-def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
+def strip(model: nn.Module, inplace: bool = False, example_input: torch.Tensor | None = None) -> nn.Module:
     """Bake the spectral norms and γ clips of a converted model into plain layers (eval).
 
     SN convs and linears become ``nn.Conv*``/``nn.Linear`` with weight c·W/σ (frozen σ); layers
     with :class:`~lcnn_plugin.layers.InputSpectralNorm` get c/σ folded into their weight (or,
     for weight-standardising convs, whose forward would undo it, keep a constant input
     scale); γ-BNs become ``nn.BatchNorm2d`` (plus their drop/act) with the clip folded into
-    the affine parameters. The result computes the same eval outputs; it is for inference
-    and export (returns a copy unless ``inplace``; put it in eval mode: training a stripped
-    model trains a plain network).
+    the affine parameters. σ depends on the input shape a layer sees: the result computes the
+    same eval outputs as the model on inputs of ``example_input``'s size (one eval forward on
+    it finds each layer's shape), or, without it, of the size the model was trained on. It is
+    for inference and export (returns a copy unless ``inplace``; put it in eval mode: training
+    a stripped model trains a plain network).
     """
     check.module(model)
+    target, stripped = _strip(model, inplace, example_input)
+    if not stripped:
+        check.warn(f"strip: {type(model).__name__} has no LCNN layer to strip (not converted?); "
+                   "returned unchanged")
+    return target
+
+
+def _strip(model: nn.Module, inplace: bool, example_input: torch.Tensor | None) -> tuple[nn.Module, int]:
+    """(the stripped model, how many layers were stripped); see :func:`strip`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if example_input is not None:
+        paths = {id(m): p for p, m in model.named_modules()}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                shapes = {paths[id(m)]: s for m, s in spectral_input_shapes(model, example_input).items()}
+        finally:
+            model.train(was_training)
     target = model if inplace else copy.deepcopy(model)
     replaced: dict[int, nn.Module] = {}
     for path, m in list(target.named_modules(remove_duplicate=False)):
@@ -577,9 +547,9 @@ def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
         elif isinstance(m, LipschitzBatchNorm2d):
             new = _strip_bn(m)
         elif InputSpectralNorm.of(m) is not None:
-            new = _strip_input_sn(m)
+            new = _strip_input_sn(m, shapes.get(path))
         elif is_spectrally_normalized(m):
-            new = _strip_sn(m)
+            new = _strip_sn(m, shapes.get(path))
         else:
             continue
         replaced[id(m)] = new
@@ -587,13 +557,10 @@ def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
             _set_module(target, path, new)
         else:
             target = new
-    if not replaced:
-        check.warn(f"strip: {type(model).__name__} has no LCNN layer to strip (not converted?); "
-                   "returned unchanged")
-    return target
+    return target, len(replaced)
 
 
-def _strip_sn(m: nn.Module) -> nn.Module:
+def _strip_sn(m: nn.Module, shape: tuple[int, ...] | None) -> nn.Module:
     if isinstance(m, nn.Linear):
         new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
     else:
@@ -602,7 +569,7 @@ def _strip_sn(m: nn.Module) -> nn.Module:
                   dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
     new.to(device=m.weight.device, dtype=m.weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(m.weight.double() * SpectralNorm.of(m).eval_factor(m).double())
+        new.weight.copy_(m.weight.double() * SpectralNorm.of(m).eval_factor(m, shape).double())
         if m.bias is not None:
             new.bias.copy_(m.bias)
     return new.train(m.training)
@@ -643,10 +610,10 @@ class _InputScale:
         return (args[0] * self.k, *args[1:])
 
 
-def _strip_input_sn(m: nn.Module) -> nn.Module:
+def _strip_input_sn(m: nn.Module, shape: tuple[int, ...] | None) -> nn.Module:
     hook = InputSpectralNorm.of(m)
     with torch.no_grad():
-        k = SpectralNorm.of(m).eval_factor(m)
+        k = SpectralNorm.of(m).eval_factor(m, shape)
     hook.remove(m)
     # weight standardisation (timm StdConv2d, ScaledStdConv2d) is scale invariant: scaling the
     # weight would do nothing, so the constant scale stays on the input

@@ -11,43 +11,23 @@ eigendecomposition, with no iteration and no approximation.
 
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..bound import _REARRANGE_FUNCS, _REARRANGE_METHODS, _Tracer
+from .. import ops
 from .hvp import LossFn, _checked_labels, _checked_losses, per_example_cross_entropy
-
-_PL_MODULES = (
-    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6,
-    nn.LeakyReLU, nn.Hardtanh, nn.PReLU, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Flatten,
-    nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.padding._ConstantPadNd,
-    nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
-)
-_PL_FUNCS = {
-    operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg, torch.cat,
-    torch.concat, torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.max_pool1d,
-    F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, torch.sum, F.pad,
-    "add", "sub", "neg", "relu", "mean", "sum",
-} | _REARRANGE_FUNCS | _REARRANGE_METHODS
-_DIV_FUNCS = {operator.truediv, torch.div, "div"}
-_SCALE_FUNCS = {operator.mul, torch.mul, "mul"} | _DIV_FUNCS
 
 
 def piecewise_linear_violations(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     """Operations of ``model`` (traced with torch.fx) that are not piecewise linear, as
-    "node: reason" strings; empty when the model is piecewise linear in eval."""
+    "node: reason" strings; empty when the model is piecewise linear in eval. What is
+    piecewise linear is the table's word (:mod:`lcnn_plugin.ops`); a layer made of parts
+    (LipschitzBatchNormAct2d: BN, drop, act) is judged part by part."""
     try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # noqa: BLE001 - the reason is returned
-        return [f"{type(model).__name__}: cannot be traced by torch.fx ({e})"]
-    gm = torch.fx.GraphModule(model, graph)
+        gm = ops.trace(model)
+    except ValueError as e:  # the reason is returned
+        return [str(e)]
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
     modules = dict(gm.named_modules())
@@ -62,16 +42,20 @@ def piecewise_linear_violations(model: nn.Module, example_input: torch.Tensor) -
         if "tensor_meta" not in node.meta:
             continue
         if node.op == "call_module":
-            m = modules[node.target]
-            if not isinstance(m, _PL_MODULES):
-                bad.append(f"{node.target}: {type(m).__name__} is not piecewise linear")
+            for suffix, m in ops.parts(modules[node.target]):
+                op = ops.layer_op(m)
+                if op is None or not op.piecewise_linear:
+                    where = f"{node.target}.{suffix}" if suffix else node.target
+                    bad.append(f"{where}: {type(m).__name__} is not piecewise linear")
             continue
-        if node.target in _SCALE_FUNCS:
+        op = ops.function_op(node.target)
+        if op is not None and op.role == "scale":
             varying = [a for a in node.args if a in dependent]
-            divides_by_input = node.target in _DIV_FUNCS and node.args[0] not in dependent
+            divides = ops.function_name(node.target) in ops.DIVISIONS
+            divides_by_input = divides and node.args[0] not in dependent
             if len(varying) > 1 or divides_by_input:
                 bad.append(f"{node.name}: an input-dependent product or divisor")
-        elif node.target not in _PL_FUNCS:
+        elif op is None or not op.piecewise_linear:
             name = getattr(node.target, "__name__", str(node.target))
             bad.append(f"{node.name}: {name} is not known to be piecewise linear")
     return bad

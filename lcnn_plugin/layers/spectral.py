@@ -192,9 +192,10 @@ class ConvOperator:
         """An upper bound of ‖A‖₂ from the convolution's symbol on a torus, and the symbol's
         top singular vector as an input (a start vector for Lanczos). float64.
 
-        zeros padding: the padded input sits isometrically in a torus of T ≥ the padded size
-        (a multiple of the stride) where the layer is a strided circular convolution that
-        never wraps, and the layer's outputs are some of its outputs, so ‖A‖ ≤ its norm.
+        zeros padding: the input sits isometrically in a torus of T ≥ n + max(left, right)
+        (a multiple of the stride; the left and right paddings share the torus' zeros) where
+        the layer is a strided circular convolution whose every read of the padding lands on
+        a zero, and the layer's outputs are some of its outputs, so ‖A‖ ≤ its norm.
         circular padding: the torus is the input's own. reflect/replicate padding: the layer
         is a padding-free convolution on the padded input after the copy map P (‖P‖ = √(the
         most copies of one input element)), so ‖A‖ ≤ ‖P‖ times that convolution's bound.
@@ -221,7 +222,14 @@ class ConvOperator:
                     mult *= max(pos.count(p) for p in set(pos))
                 else:
                     mult *= -(-self.out_spatial[d] // (n // s))
-            else:  # zeros, or the padded input of reflect/replicate: no wrap-around
+            elif self.mode == "zeros":
+                # the input at [left, left + n) of the torus, the padded positions read p ≤ pmax:
+                # a read below left or past the input lands on zeros iff T ≥ n + left and
+                # T ≥ pmax + 1 − left (= n + the right padding actually read); the two paddings
+                # share the torus' zeros
+                right = self.pads[2 * (nd - 1 - d) + 1] - self.output_padding[d]
+                n, off = -(-(self.spatial[d] + max(left, right)) // s) * s, 0
+            else:  # the padded input of reflect/replicate: no wrap-around
                 n, off = -(-self.padded[d] // s) * s, 0
             torus.append(n)
             stride.append(s)
@@ -238,25 +246,38 @@ class ConvOperator:
                        for a in range(c.kernel_size[d])]
                 mask = torch.tensor(hit, dtype=w.dtype).view([-1 if e == 3 + d else 1 for e in range(3 + nd)])
                 w = w * mask
-        kernel = w.new_zeros(g, co, ci, phases, *small)
+        shifts: dict[tuple[int, ...], int] = {}  # torus shift -> its column
+        placed = []
         for tap in itertools.product(*(range(k) for k in c.kernel_size)):
             phase, shift = 0, []
             for d in range(nd):
                 pos = tap[d] * c.dilation[d] + offset[d]
                 phase = phase * stride[d] + pos % stride[d]
                 shift.append((pos // stride[d]) % small[d])
-            kernel[(slice(None),) * 3 + (phase, *shift)] += w[(slice(None),) * 3 + tap]
-        kernel = kernel.flatten(2, 3)  # (g, co, ci·phases, *small)
-        spatial_dims = tuple(range(3, 3 + nd))
-        used = kernel.flatten(3).abs().sum((0, 1, 2)).nonzero().flatten().tolist() or [0]
+            placed.append((tap, phase, shifts.setdefault(tuple(shift), len(shifts))))
+        kernel = w.new_zeros(g, len(shifts), co, ci, phases)
+        for tap, phase, j in placed:
+            kernel[:, j, :, :, phase] += w[(slice(None),) * 3 + tap]
+        kernel = kernel.flatten(3, 4)  # (g, shifts, co, ci·phases)
+        used = kernel.abs().amax((0, 2, 3)).nonzero().flatten().tolist() or [0]
+        at = torch.tensor([list(k) for k in shifts], dtype=torch.float64)[used]  # (used, nd)
+        kernel = kernel[:, used].to(torch.complex128)
         # every tap at one shift: the symbol is that matrix times a phase, one frequency will do
         constant = len(used) == 1
-        symbol = kernel.flatten(3)[..., used].to(torch.complex128) if constant else \
-            torch.fft.rfftn(kernel, dim=spatial_dims)
-        grid = symbol.shape[3:]
-        mats = symbol.flatten(3).permute(0, 3, 1, 2)  # (g, frequencies, co, ci·phases)
+        if constant:
+            grid: tuple[int, ...] = (1,)
+            mats = kernel  # (g, 1, co, ci·phases)
+        else:
+            # the symbol Σ_shifts K_shift e^{-2πi⟨ω, shift⟩/small} on the rfftn grid (the last axis
+            # halved: a real kernel's symbol at −ω is the conjugate, with the same singular
+            # values), as one small matmul over the used shifts instead of an FFT of the torus
+            grid = (*small[:-1], small[-1] // 2 + 1)
+            omega = torch.cartesian_prod(*(torch.arange(n, dtype=torch.float64) for n in grid)).view(-1, nd)
+            turns = (omega / torch.tensor(small, dtype=torch.float64)) @ at.T  # (frequencies, used)
+            dft = torch.polar(torch.ones_like(turns), -2 * math.pi * turns)
+            mats = (dft @ kernel.flatten(2)).view(g, -1, co, kernel.shape[-1])  # (g, freqs, co, ci·phases)
         top, where = _max_gram_eigenvalue(mats)
-        size = min(mats.shape[-2:])
+        size = max(min(mats.shape[-2:]), len(used))  # the DFT's sums over the shifts too
         bound = top ** 0.5 * (1 + _rounding(size)) * (mult * copy_norm**2) ** 0.5
         return bound, self._torus_vector(mats[where], where, grid, small, stride, torus, constant)
 
@@ -339,7 +360,7 @@ class AffineOperator:
 def _rounding(n: int) -> float:
     """Relative margin for float64 rounding in the n×n products and factorisations behind a
     bound (8·n²·u, u = 2⁻⁵³: above the normwise backward-error bounds γₙ·n of a Gram product,
-    a Householder reduction, a Cholesky factorisation and the FFT at these sizes)."""
+    a Householder reduction, a Cholesky factorisation and a DFT over at most n shifts)."""
     return 8 * n * n * 2.0**-53
 
 
@@ -347,7 +368,9 @@ def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tu
     """max over a batch (g, f, m, n) of complex matrices M of λmax(MᴴM) = ‖M‖², certified, and
     where it is attained. Exact for the matrix whose power-iteration estimate is largest; every
     other is shown to be at most that value (1 + 1e-6) by a Cholesky factorisation of
-    μI − MᴴM (a third of an eigen-solve), and only those that fail are solved exactly."""
+    μI − MᴴM (a third of an eigen-solve). Of those that fail, the one estimated largest is
+    solved exactly, μ raised to it if it is larger, and the rest tried again, until none is
+    left."""
     g, f = mats.shape[:2]
     grams, estimates = [], []
     gen = torch.Generator().manual_seed(0)
@@ -361,18 +384,35 @@ def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tu
         grams.append(gram)
         estimates.append((v.mH @ gram @ v).real.flatten(2).squeeze(-1))
     estimate = torch.cat(estimates, 1)  # (g, f) Rayleigh quotients
+
+    def gram_at(gi: int, fi: int) -> torch.Tensor:
+        return grams[fi // chunk][gi, fi % chunk]
+
+    def above(mu: float, grams_: torch.Tensor) -> torch.Tensor:
+        """Which of a batch of Gram matrices are not shown to be ⪯ μI."""
+        eye = torch.eye(grams_.shape[-1], dtype=grams_.dtype)
+        return torch.linalg.cholesky_ex(mu * eye - grams_)[1] != 0
+
     i = int(estimate.argmax())
     where = (i // f, i % f)
-    best = float(torch.linalg.eigvalsh(grams[where[1] // chunk][where[0], where[1] % chunk])[-1])
+    best = float(torch.linalg.eigvalsh(gram_at(*where))[-1])
     mu = max(best, 0.0) * (1 + 1e-6)
-    for c, gram in enumerate(grams):
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
-        _, info = torch.linalg.cholesky_ex(mu * eye - gram)
-        for gi, fi in (info != 0).nonzero().tolist():  # not shown below μ: solve it
-            lam = float(torch.linalg.eigvalsh(gram[gi, fi])[-1])
-            if lam > best:
-                best, where = lam, (gi, c * chunk + fi)
-    return max(best, mu), where
+    failed = [(gi, c * chunk + fi) for c, gram in enumerate(grams)
+              for gi, fi in above(mu, gram).nonzero().tolist()]
+    cleared = mu  # the largest μ under which some matrix was shown ⪯ μI
+    while failed:
+        failed.sort(key=lambda p: float(estimate[p]))
+        gi, fi = failed.pop()
+        lam = float(torch.linalg.eigvalsh(gram_at(gi, fi))[-1])
+        if lam > best:
+            best, where = lam, (gi, fi)
+            mu = best * (1 + 1e-6)
+        if failed:
+            still = above(mu, torch.stack([gram_at(*p) for p in failed])).tolist()
+            if not all(still):
+                cleared = max(cleared, mu)
+            failed = [p for p, bad in zip(failed, still) if bad]
+    return max(best, cleared), where
 
 
 @dataclass(frozen=True)

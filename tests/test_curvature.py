@@ -236,6 +236,24 @@ def test_piecewise_linear_refuses_smooth_models():
         measure(model, torch.rand(2, 3, 4, 4, dtype=torch.float64), method="piecewise_linear")
 
 
+def test_report_checks_piecewise_linearity_once(monkeypatch):
+    import lcnn_plugin.curvature as curvature
+
+    model = _prepared6(PiecewiseLinear())
+    x = torch.rand(9, 3, 6, 6, dtype=torch.float64)
+    batches = [x[i:i + 3] for i in range(0, 9, 3)]
+    calls = []
+    real = curvature.piecewise_linear_violations
+    monkeypatch.setattr(curvature, "piecewise_linear_violations", lambda m, e: calls.append(1) or real(m, e))
+    r = report(model, batches, method="piecewise_linear", fold_bn=False, progress=False)
+    assert len(calls) == 1 and r.n == 9
+    torch.testing.assert_close(r.values["hessian_norm"],
+                               measure(model, x, method="exact", fold_bn=False).hessian_norm)
+    with pytest.raises(ValueError, match="piecewise-linear model; not: 2: CenteredSoftplus"):
+        report(_prepared(small_lcnn()), [torch.rand(2, 3, 4, 4, dtype=torch.float64)],
+               method="piecewise_linear", progress=False)
+
+
 @pytest.mark.parametrize("build", [small_lcnn, small_standard], ids=["lcnn", "standard"])
 def test_fold_bn_keeps_the_function(build):
     torch.manual_seed(1)

@@ -91,6 +91,7 @@ def measure(
     max_batch: int | None = None,
     seed: int = 0,
     fold_bn: bool | None = None,
+    _piecewise_checked: bool = False,
 ) -> CurvatureResult:
     """Per-example gradient norm, Hessian norm and normalised curvature of ``model`` at ``x``.
 
@@ -115,6 +116,7 @@ def measure(
             can and says in ``options["fold_bn"]`` whether it did and in
             ``options["fold_bn_note"]`` why not; True raises when it cannot (untraceable, or a
             different function); False never folds.
+        _piecewise_checked: internal (report() checks a model once, not every batch).
     """
     check.choice("method", method, METHODS)
     check.choice("engine", engine, ENGINES)
@@ -133,12 +135,8 @@ def measure(
     engine = resolve_engine(engine, model, x)
     with _EvalNoParamGrad(model):
         model, fold_bn, fold_note = _fold_choice(model, x, fold_bn)
-        if method == "piecewise_linear":
-            bad = piecewise_linear_violations(model, x[:1])
-            if bad:
-                more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-                raise ValueError("method='piecewise_linear' needs a piecewise-linear model; not: "
-                                 + "; ".join(bad[:3]) + more)
+        if method == "piecewise_linear" and not _piecewise_checked:
+            _require_piecewise_linear(model, x)
         for start in chunks:
             stop = start + (max_batch or x.shape[0])
             parts.append(_measure_chunk(model, x[start:stop], None if y is None else y[start:stop],
@@ -151,6 +149,14 @@ def measure(
         grad_norm, hessian_norm, hessian_norm / (grad_norm + eps), method, engine,
         hvps, converged, error, eps, options,
     )
+
+
+def _require_piecewise_linear(model: nn.Module, x: torch.Tensor) -> None:
+    bad = piecewise_linear_violations(model, x[:1])
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError("method='piecewise_linear' needs a piecewise-linear model; not: "
+                         + "; ".join(bad[:3]) + more)
 
 
 def _fold_choice(model: nn.Module, x: torch.Tensor, fold_bn: bool | None
@@ -249,7 +255,8 @@ def report(
 
     Statistics are over exactly the examples measured (at most ``max_examples``); nothing is
     zero-filled. ``measure_kwargs`` go to :func:`measure`; ``fold_bn`` is decided (and the model
-    folded and checked) once, on the first batch, and recorded in ``options``.
+    folded and checked) once, on the first batch, and recorded in ``options``; so is the
+    piecewise-linear check of ``method="piecewise_linear"`` (one trace, not one per batch).
     """
     from tqdm.auto import tqdm
 
@@ -267,12 +274,14 @@ def report(
         if device is not None:
             x = x.to(device)
             y = None if y is None else y.to(device)
-        if target is None:  # fold (and check the folded copy) once, on the first batch
+        if target is None:  # fold (and check the folded copy) and trace once, on the first batch
             check.module(model)
             check.check_inputs(x, y, "x", unit_box=False)
             with _EvalNoParamGrad(model):
                 target, fold_bn, fold_note = _fold_choice(model, x, fold_bn)
-        r = measure(target, x, y, seed=seen, fold_bn=False, **measure_kwargs)
+                if measure_kwargs.get("method") == "piecewise_linear":
+                    _require_piecewise_linear(target, x)
+        r = measure(target, x, y, seed=seen, fold_bn=False, _piecewise_checked=True, **measure_kwargs)
         results.append(r)
         seen += len(r)
         bar.update(len(r))

@@ -257,6 +257,7 @@ NAMED: dict[str, Op] = {
     "BatchNormAct2d": Op("batchnorm", False, False, NO_BOUND, convert="batchnorm"),
 }
 
+
 def reason(rule: str, name: str) -> str:
     """The words of a rule that is a reason, for the operation called ``name``."""
     return f"{NO_BOUND} for {name}" if rule == NO_BOUND else rule

@@ -51,12 +51,7 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
     from .convert import _strip
 
     check.module(model)
-    was_training = model.training
-    model.eval()
-    try:
-        stripped, _ = _strip(model, inplace=False, example_input=example_input)
-    finally:
-        model.train(was_training)
+    stripped, _ = _strip(model, inplace=False, example_input=example_input)  # restores model's mode
     stripped.eval()
     gm = ops.trace(stripped, who="fold_batchnorm")
     modules = dict(gm.named_modules())

@@ -23,13 +23,15 @@ paper-notes §3). β and γ must be excluded from weight decay: :func:`param_gro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .layers.activation import CenteredSoftplus
 from .layers.norm import LipschitzBatchNorm2d
 from .validate import choice
@@ -82,6 +84,27 @@ class Objective:
                 raise ValueError(f"{self.name}: {k} must be a finite number >= 0, got {v!r}")
         if not (isinstance(self.adv_steps, int) and self.adv_steps >= 1):
             raise ValueError(f"{self.name}: adv_steps must be an integer >= 1, got {self.adv_steps!r}")
+
+    @property
+    def differentiates_twice(self) -> bool:
+        """Whether the loss holds an input gradient (GradReg, CURE): its backward is a double one."""
+        return self.lambda_grad > 0 or self.lambda_cure > 0
+
+    def second_derivative_mode(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                               ) -> Callable[[], contextlib.AbstractContextManager]:
+        """What to run the training steps in (:func:`lcnn_plugin.ops.second_derivative_mode`),
+        from one probe step on (x, y) in eval mode (no statistics updated; parameter gradients
+        cleared after)."""
+        if not self.differentiates_twice:
+            return contextlib.nullcontext
+        was = model.training
+        model.eval()
+        try:
+            return ops.second_derivative_mode(lambda: self(model, x, y).loss.backward(),
+                                              f"the {self.name} objective")
+        finally:
+            model.train(was)
+            model.zero_grad(set_to_none=True)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ObjectiveOutput:
         B = x.shape[0]

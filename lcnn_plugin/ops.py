@@ -18,8 +18,10 @@ layer made of parts (``bound_chain()``, e.g. LipschitzBatchNormAct2d) is judged 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from .layers.activation import CenteredSoftplus
 from .layers.norm import LipschitzBatchNorm2d, LipschitzBatchNormAct2d
@@ -405,3 +409,84 @@ __all__ = [
     "Op", "Tracer", "basic_index", "function_op", "kind_of", "layer_op", "module_op", "parts", "reason",
     "trace",
 ]
+
+
+# -- second derivatives ------------------------------------------------------------------------
+# Curvature (Hessian-vector products) and the gradient penalties (GradReg, CURE) differentiate a
+# model twice. Two torch operations have no double backward: hardsigmoid (MobileNetV3, GhostNet,
+# LCNet gates) and the fused CPU attention kernel (ViT, DeiT, MobileViT); within
+# :func:`second_derivatives` they are computed by equivalents that have one, with the same values.
+_NO_SECOND = re.compile(r"derivative for (\S+) is not implemented"
+                        r"|forward AD with (\S+) that does not support")
+
+
+class _TwiceDifferentiable(TorchFunctionMode):
+    """hardsigmoid(x) as relu6(x + 3) / 6: torch's own formula (the same values, bit for bit, and
+    the same zero derivative at ±3), made of operations with a double backward."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001,ANN204
+        if func is F.hardsigmoid:
+            return F.relu6(args[0] + 3) / 6
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def second_derivatives() -> Iterator[None]:
+    """Within: hardsigmoid computed as relu6(x + 3) / 6, and scaled_dot_product_attention by
+    its math kernel (the fused kernels have no double backward). A per-op Python hook: used
+    only where a model needs it (:func:`twice`)."""
+    with sdpa_kernel(SDPBackend.MATH), _TwiceDifferentiable():
+        yield
+
+
+def no_second_derivative(err: BaseException) -> str | None:
+    """The operation named by torch's "derivative for OP is not implemented" (or "forward AD
+    with OP that does not support it", torch.func), else None."""
+    m = _NO_SECOND.search(str(err)) if isinstance(err, RuntimeError) else None
+    return (m.group(1) or m.group(2)) if m else None
+
+
+def twice(fn: Callable[[], Any], who: str, reset: Callable[[], None] | None = None) -> Any:
+    """``fn()``; if it fails for an operation without a second derivative, ``reset()`` then
+    ``fn()`` again within :func:`second_derivatives`; if that fails alike, a ValueError naming
+    the operation and ``who`` asked."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        if no_second_derivative(e) is None:
+            raise
+    if reset is not None:
+        reset()
+    with second_derivatives():
+        try:
+            return fn()
+        except RuntimeError as e:
+            _refuse(e, who)
+
+
+def second_derivative_mode(probe: Callable[[], Any], who: str
+                           ) -> Callable[[], contextlib.AbstractContextManager]:
+    """What to run a model's double backwards in (called once per use): ``nullcontext`` when
+    ``probe()`` runs as it is, :func:`second_derivatives` when it runs only within it; else a
+    ValueError (as :func:`twice`)."""
+    try:
+        probe()
+        return contextlib.nullcontext
+    except RuntimeError as e:
+        if no_second_derivative(e) is None:
+            raise
+    with second_derivatives():
+        try:
+            probe()
+        except RuntimeError as e:
+            _refuse(e, who)
+    return second_derivatives
+
+
+def _refuse(err: RuntimeError, who: str) -> None:
+    op = no_second_derivative(err)
+    if op is None:
+        raise err
+    raise ValueError(f"{who} differentiates the model twice, and torch has no second derivative of {op}, "
+                     "which the model uses (hardsigmoid and fused attention are replaced by equivalents "
+                     "that have one; this operation has none)") from err

@@ -338,6 +338,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         objective = dataclasses.replace(objective, lambda_grad=objective.lambda_grad / world**2,
                                         lambda_cure=objective.lambda_cure / world**2)
     local = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+    probe_x, probe_y = train_data.floats(pool[:2])
+    twice = objective.second_derivative_mode(model, probe_x.to(dev), probe_y.to(dev))
 
     def save(epoch: int, step: int, partial: dict) -> None:
         if rank == 0:
@@ -362,9 +364,10 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             if config.augment:
                 x = augment(x, torch.Generator().manual_seed(config.seed * 7_919 + global_step))
             x, y = x[local].to(dev), y[local].to(dev)
-            res = objective(net, x, y)
             opt.zero_grad(set_to_none=True)
-            res.loss.backward()
+            with twice():
+                res = objective(net, x, y)
+                res.loss.backward()
             opt.step()
             global_step += 1
             seen += len(y)

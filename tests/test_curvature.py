@@ -432,3 +432,68 @@ def test_triton_engine_equals_eager(dtype):
     assert fused.engine == "triton" and not any(getattr(m, "fused", False) for m in model.modules())
     torch.testing.assert_close(fused.grad_norm, eager.grad_norm, rtol=rtol, atol=0)
     torch.testing.assert_close(fused.hessian_norm, eager.hessian_norm, rtol=rtol * 10, atol=0)
+
+
+class GatedAttention(nn.Module):
+    """An SE-style hardsigmoid gate and self-attention by F.scaled_dot_product_attention: torch
+    has no double backward for either (hardsigmoid; the fused CPU attention kernel)."""
+
+    def __init__(self, raw_aten: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = nn.Conv2d(4, 4, 1)
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(64, 5)
+        self.raw_aten = raw_aten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))
+        g = self.gate(h)
+        h = h * (torch.ops.aten.hardsigmoid(g) if self.raw_aten else nn.functional.hardsigmoid(g))
+        q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, -1)
+        a = nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return self.head(a.flatten(1))
+
+
+def fd_hessian_norms(model, x, y, h=1e-5):
+    """|λ|max of each example's Hessian from central differences of autograd input gradients
+    (one backward: no second derivative of the model is needed)."""
+    def grad(t, i):
+        t = t.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(t[None]), y[i:i + 1]), t)
+        return g.flatten()
+
+    out = []
+    for i in range(x.shape[0]):
+        d = x[i].numel()
+        cols = []
+        for j in range(d):
+            e = torch.zeros(d, dtype=x.dtype)
+            e[j] = h
+            cols.append((grad(x[i] + e.view_as(x[i]), i) - grad(x[i] - e.view_as(x[i]), i)) / (2 * h))
+        H = torch.stack(cols, 1)
+        out.append(torch.linalg.eigvalsh((H + H.T) / 2).abs().max())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("engine", ["autograd", "func"])
+def test_models_without_double_backward_are_measured(engine):
+    """hardsigmoid and fused attention have no second derivative in torch: measure() computes
+    them by equivalents (same values) and matches finite differences of the gradient."""
+    torch.manual_seed(0)
+    model = GatedAttention().double().eval()
+    x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2, 4])
+    with pytest.raises(RuntimeError, match="derivative for"):  # what torch says without them
+        dense_truth(model, x, y)
+    truth = fd_hessian_norms(model, x, y)
+    r = measure(model, x, y, method="exact", engine=engine)
+    torch.testing.assert_close(r.hessian_norm, truth, rtol=1e-5, atol=0)
+    with pytest.raises(RuntimeError, match="derivative for"):  # nothing is left swapped
+        dense_truth(model, x, y)
+
+
+def test_an_operation_without_any_second_derivative_is_named():
+    model = GatedAttention(raw_aten=True).double().eval()  # torch.ops.aten: no equivalent is swapped in
+    with pytest.raises(ValueError, match=r"measure\(\) differentiates the model twice.*hardsigmoid_backward"):
+        measure(model, torch.rand(2, 3, 4, 4, dtype=torch.float64))

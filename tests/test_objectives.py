@@ -148,3 +148,26 @@ def test_bad_settings():
         make_objective("gradreg", lambda_grad=-1.0)
     with pytest.raises(ValueError, match="unknown settings"):
         make_objective("lcnn", lambda_delta=1.0)
+
+
+@pytest.mark.parametrize("name", ["gradreg", "cure"])
+def test_penalties_on_models_without_double_backward(name):
+    """hardsigmoid and fused attention: the training steps run within equivalents that have a
+    second derivative (chosen by one probe), and the parameter gradient matches finite
+    differences; an operation with none is named before training."""
+    from tests.test_curvature import GatedAttention
+
+    torch.manual_seed(0)
+    model = GatedAttention().double()
+    x, y = _batch()
+    obj = make_objective(name)
+    with pytest.raises(RuntimeError, match="derivative for"):
+        obj(model, x, y).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.train()
+    mode = obj.second_derivative_mode(model, x[:2], y[:2])
+    assert model.training and all(p.grad is None for p in model.parameters())
+    with mode():
+        check_param_gradient(model, obj, x, y)
+    with pytest.raises(ValueError, match=f"the {name} objective differentiates the model twice"):
+        obj.second_derivative_mode(GatedAttention(raw_aten=True).double(), x, y)

@@ -15,6 +15,7 @@ for comparison), ``exact`` (dense Hessians, small inputs only) and ``piecewise_l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import linalg
+from .. import linalg, ops
 from .. import validate as check
 from ..fold import fold_batchnorm
 from . import eigen
@@ -139,8 +140,11 @@ def measure(
             _require_piecewise_linear(model, x)
         for start in chunks:
             stop = start + (max_batch or x.shape[0])
-            parts.append(_measure_chunk(model, x[start:stop], None if y is None else y[start:stop],
-                                        method, engine, loss_fn, tol, max_iter, k, gen))
+            yc = None if y is None else y[start:stop]
+            chunk = functools.partial(_measure_chunk, model, x[start:stop], yc, method, engine, loss_fn, tol,
+                                      max_iter, k, gen)
+            # a model without a second derivative is measured again with equivalents (ops.twice)
+            parts.append(ops.twice(chunk, "measure()", functools.partial(gen.set_state, gen.get_state())))
     cat = [torch.cat([p[i] for p in parts]) for i in range(5)]
     grad_norm, hessian_norm, hvps, converged, error = cat
     options = dict(tol=tol, max_iter=max_iter, k=k, seed=seed, max_batch=max_batch, fold_bn=fold_bn,

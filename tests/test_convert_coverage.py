@@ -106,7 +106,7 @@ def _check_folding(name: str, converted: torch.nn.Module, x: torch.Tensor) -> No
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
     # two examples: with one, torch 2.14's CPU BatchNorm backward in eval is wrong when the
     # gradient reaching it is channels-last strided (a BN followed by flatten/transpose, as in
-    # levit): the unfolded measure() is then the wrong one (see the session-8 note)
+    # levit); LipschitzBatchNorm2d avoids it (tests/test_norm.py), a BN left as is would not
     # (hardsigmoid gates and fused attention, which torch cannot differentiate twice, are
     # measured through equivalents: lcnn_plugin.ops.twice)
     default = measure(converted, x, max_iter=4, tol=1e-12)

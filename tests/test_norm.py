@@ -65,3 +65,32 @@ def test_bad_input():
         LipschitzBatchNorm2d(4, gamma=-2.0)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 4, H, W\), got \(2, 3, 5, 5\)"):
         LipschitzBatchNorm2d(4)(torch.randn(2, 3, 5, 5))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_eval_input_gradient_with_a_channels_last_gradient(affine, batch):
+    """Eval output and input gradient equal the closed form w_c·min(1, γ/L)/σ_c, also for one
+    example whose gradient arrives channels-last (BN → flatten(2).transpose(1, 2), as in LeViT),
+    where torch 2.14's CPU BatchNorm2d eval backward is wrong."""
+    torch.manual_seed(0)
+    bn = LipschitzBatchNorm2d(8, gamma=1.5, affine=affine).double()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    bn.eval()
+    w = bn.weight.detach() if affine else torch.ones(8, dtype=torch.float64)
+    b = bn.bias.detach() if affine else torch.zeros(8, dtype=torch.float64)
+    sigma = (bn.running_var + bn.eps).sqrt()
+    c = min(1.0, float(bn.gamma) / float((w.abs() / sigma).max()))  # γ: 1.5 as stored (float32 log)
+    x = torch.randn(batch, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(batch, 16, 8, dtype=torch.float64)
+    y = bn(x)
+    want = c * ((x - bn.running_mean.view(1, -1, 1, 1)) * (w / sigma).view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    (y.flatten(2).transpose(1, 2) * u).sum().backward()
+    grad = u.transpose(1, 2).reshape(batch, 8, 4, 4) * (c * w / sigma).view(1, -1, 1, 1)
+    torch.testing.assert_close(x.grad, grad, rtol=1e-12, atol=1e-12)

@@ -89,7 +89,17 @@ class LipschitzBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_bn_input(self, x)
-        return super().forward(x) * self.lipschitz_scale().to(x.dtype)
+        if self.training:
+            return super().forward(x) * self.lipschitz_scale().to(x.dtype)
+        # eval: the per-channel affine map as one addcmul. Not F.batch_norm: its CPU backward in
+        # eval is wrong for a batch of one whose gradient has channels-last strides (torch 2.14:
+        # a BatchNorm followed by flatten(2).transpose(1, 2), as in LeViT)
+        w = torch.rsqrt(self.running_var + self.eps) * self.lipschitz_scale()
+        shift = -self.running_mean * w
+        if self.affine:
+            w = w * self.weight
+            shift = shift * self.weight + self.bias * self.lipschitz_scale()
+        return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, w.to(x.dtype).view(1, -1, 1, 1))
 
     def lipschitz(self, input_shape: Sequence[int] | None = None) -> float:
         """Eval-mode Lipschitz constant min(γ, L_bn)."""

@@ -94,11 +94,12 @@ class LipschitzBatchNorm2d(nn.BatchNorm2d):
         # eval: the per-channel affine map as one addcmul. Not F.batch_norm: its CPU backward in
         # eval is wrong for a batch of one whose gradient has channels-last strides (torch 2.14:
         # a BatchNorm followed by flatten(2).transpose(1, 2), as in LeViT)
-        w = torch.rsqrt(self.running_var + self.eps) * self.lipschitz_scale()
+        scale = self.lipschitz_scale()
+        w = torch.rsqrt(self.running_var + self.eps) * scale
         shift = -self.running_mean * w
         if self.affine:
             w = w * self.weight
-            shift = shift * self.weight + self.bias * self.lipschitz_scale()
+            shift = shift * self.weight + self.bias * scale
         return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, w.to(x.dtype).view(1, -1, 1, 1))
 
     def lipschitz(self, input_shape: Sequence[int] | None = None) -> float:

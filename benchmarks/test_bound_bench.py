@@ -7,6 +7,8 @@ replaced or skips, in the same run.
   spectrally normalised layer's norm by float64 Lanczos to a residual of 1e-6 (what
   dominated model_bound at 07eb2c9; not certified). Target (asserted when timing):
   certified ≤ 1× the Lanczos-only path.
+- ``test_model_bound_tight``: the same, ``model_bound(tight=True)`` (every loose convolution
+  bounded exactly from its Gram matrix) against the default (reported).
 - ``test_convert``: each model of ``--bench-convert-models`` at ``--bench-size`` (``resnet50``
   at 224 for the 30 s target), a batch of one: ``convert()`` with its defaults (no bounds)
   against ``convert(bound=True)`` (reported).
@@ -75,6 +77,23 @@ def test_model_bound(benchmark, request, model_name):
     assert not result.estimated, str(result)
     if not benchmark.disabled:
         assert certified <= before
+
+
+def test_model_bound_tight(benchmark, request, model_name):
+    """``model_bound(tight=True)`` (loose convolutions bounded exactly from their Gram
+    matrices) against the default (reported: the price of no loose layer)."""
+    size = request.config.getoption("--bench-size")
+    model = _settled(model_name, size)
+    default, seconds = timed(lambda: model_bound(model, (3, size, size)))
+    tight, seconds_tight = timed(lambda: model_bound(model, (3, size, size), tight=True))
+    benchmark.pedantic(model_bound, args=(model, (3, size, size)), kwargs=dict(tight=True), rounds=1,
+                       iterations=1)
+    benchmark.extra_info.update(seconds_default=seconds, seconds_tight=seconds_tight,
+                                ratio_tight_over_default=seconds_tight / seconds,
+                                lipschitz_default=default.lipschitz, lipschitz_tight=tight.lipschitz,
+                                loose_default=len(default.loose), loose_tight=len(tight.loose),
+                                worst_gap_tight=max((g for _, g in tight.loose), default=0.0))
+    assert tight.certified and tight.lipschitz <= default.lipschitz * (1 + 1e-9)
 
 
 def test_convert(benchmark, request, convert_model):

@@ -5,12 +5,14 @@ import math
 import pytest
 import timm
 import torch
+from conftest import per_model
 from timm.layers import StdConv2d
 from torch import nn
 
 import lcnn_plugin
 from lcnn_plugin import UnboundedError, model_bound
 from lcnn_plugin.layers import CenteredSoftplus, InputSpectralNorm, LipschitzBatchNorm2d, SNConv2d
+from lcnn_plugin.layers.spectral import GRAM_LIMIT, gram_limit
 
 MODELS = timm.list_models("lcnn_*")
 
@@ -29,7 +31,7 @@ def _randomise_statistics(model: nn.Module) -> None:
                 m.log_beta.fill_(math.log(2.0))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", per_model(MODELS))
 def test_bounds_hold_on_registered_models(name):
     model = timm.create_model(name, num_classes=4).double()
     _randomise_statistics(model)
@@ -139,16 +141,21 @@ def test_bounds_are_certified_and_say_what_is_not():
     layer of unknown structure contributes its estimate and the bound says NOT certified."""
     torch.manual_seed(0)
     conv = nn.Conv2d(9, 5, 3, padding=1).double()
-    b = model_bound(nn.Sequential(conv), (9, 16, 16))
+    with gram_limit(0):  # the symbol's bound (by default its 1280 Gram rows make it exact)
+        b = model_bound(nn.Sequential(conv), (9, 16, 16))
     exact = _jacobian_norm(lambda t: conv._conv_forward(t, conv.weight, None), (9, 16, 16))
     (entry,) = b.layers
     assert b.certified and entry.norm.method == "torus" and "certified" in str(b)
     assert entry.norm.lower <= exact <= entry.norm.upper == b.lipschitz
-    small = nn.Conv2d(64, 64, 3, padding=1).double()  # 6×6: the torus is 8×8, the bound loose
-    b = model_bound(nn.Sequential(small), (64, 6, 6))
+    small = nn.Conv2d(64, 64, 3, padding=1).double()  # 6×6: the torus is 7×7, the bound loose
     exact = _jacobian_norm(lambda t: small._conv_forward(t, small.weight, None), (64, 6, 6))
+    with gram_limit(0):  # no Gram matrix: the symbol's bound, named as loose
+        b = model_bound(nn.Sequential(small), (64, 6, 6))
     assert b.certified and b.loose and b.loose[0][0] == "0" and "loose" in str(b)
     assert exact <= b.lipschitz
+    b = model_bound(nn.Sequential(small), (64, 6, 6))  # 2304 Gram rows (≤ GRAM_LIMIT): exact
+    assert b.certified and not b.loose and b.layers[0].norm.method == "gram"
+    assert exact <= b.lipschitz <= exact * 1.001
     std = StdConv2d(3, 4, 3, padding=1).double()
     InputSpectralNorm.apply(std)
     big = model_bound(nn.Sequential(std), (3, 32, 32))  # 3072 inputs
@@ -156,3 +163,20 @@ def test_bounds_are_certified_and_say_what_is_not():
     assert "NOT certified" in str(big) and "only estimated" in str(big)
     fits = model_bound(nn.Sequential(std), (3, 16, 16))  # 768 inputs: the dense SVD
     assert fits.certified and fits.layers[0].norm.method == "dense"
+
+
+def test_tight_bounds_every_loose_convolution_exactly():
+    """A 272-channel 3×3 convolution on 4×4 inputs has 4352 Gram rows (> GRAM_LIMIT): by default
+    its symbol's bound is certified but loose and named; tight=True bounds it from its Gram
+    matrix, within 1% of the Lanczos lower bound, and L_f can only come down."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 272, 3, padding=1), nn.Softplus(), nn.Conv2d(272, 272, 3, padding=1),
+                          nn.Flatten(), nn.Linear(272 * 16, 10)).double().eval()
+    default = model_bound(model, (3, 4, 4))
+    assert default.certified and [n for n, _ in default.loose] == ["2"] and "tight=True" in str(default)
+    assert GRAM_LIMIT < 272 * 16
+    tight = model_bound(model, (3, 4, 4), tight=True)
+    entry = next(e for e in tight.layers if e.name == "2")
+    assert tight.certified and not tight.loose and entry.norm.method == "gram"
+    assert entry.norm.lower <= entry.norm.upper <= entry.norm.lower * 1.01
+    assert tight.lipschitz <= default.lipschitz and tight.curvature <= default.curvature

@@ -16,7 +16,15 @@ from lcnn_plugin.layers import (
     conv_operator_norm,
     name_layers,
 )
-from lcnn_plugin.layers.spectral import DENSE_SMALL, _max_gram_eigenvalue, certify, dense_norm
+from lcnn_plugin.layers.spectral import (
+    DENSE_SMALL,
+    GRAM_LIMIT,
+    _gram_certificate,
+    _max_gram_eigenvalue,
+    certify,
+    dense_norm,
+    gram_limit,
+)
 
 # (in, out, kernel, stride, padding, dilation, groups, padding_mode, input spatial shape)
 CONV2D_CASES = [
@@ -287,7 +295,8 @@ def test_torus_bound_is_an_upper_bound_exact_for_circular_padding():
                 spatial, conv.stride, op.out_spatial)):
             assert upper <= exact * (1 + 1e-6), (conv, spatial, upper, exact)
         if math.prod(op.in_shape) > DENSE_SMALL:
-            cert = certify(op, dense_limit=0)
+            with gram_limit(0):
+                cert = certify(op, dense_limit=0)
             assert cert.method == "torus" and cert.upper == upper
             assert cert.lower <= exact * (1 + 1e-12) <= cert.upper * (1 + 1e-12)
 
@@ -348,7 +357,56 @@ def test_max_gram_eigenvalue_solves_what_the_cholesky_screen_cannot_clear():
     # matrices M with MᴴM = G: the Hermitian square roots
     evals, evecs = torch.linalg.eigh(grams)
     mats = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mH
-    top, where = _max_gram_eigenvalue(mats.unsqueeze(0), chunk=2)
+    top, where, _ = _max_gram_eigenvalue(mats.unsqueeze(0), chunk=2)
     truth = torch.linalg.eigvalsh(grams)[:, -1]
     assert abs(top - float(truth.max())) <= 1e-12 * float(truth.max())
     assert where == (0, 4)
+
+
+def test_gram_matrix_is_the_dense_operators():
+    """ConvOperator.gram() (built from the tap matrices) equals AᵀA or AAᵀ, whichever is
+    smaller, of the Jacobian built by jacrev, in every configuration above (rows by position,
+    then channel)."""
+    torch.manual_seed(4)
+    for conv, spatial in _all_convs():
+        conv = conv.double()
+        x = torch.zeros(1, conv.in_channels, *spatial, dtype=torch.float64)
+        jac = torch.func.jacrev(lambda t, c=conv: c._conv_forward(t, c.weight, None))(x)
+        out_shape = jac.shape[1:1 + x.dim() - 1]
+        A = jac.reshape(math.prod(out_shape), x.numel())
+        op = ConvOperator(conv, spatial)
+        gram = op.gram()
+        if gram.shape[0] == x.numel():
+            want, ch = A.T @ A, conv.in_channels
+        else:
+            want, ch = A @ A.T, conv.out_channels
+        assert gram.shape[0] == op.gram_size() == min(A.shape), (conv, spatial)
+        order = torch.arange(want.shape[0]).view(ch, -1).T.flatten()  # rows by position, then channel
+        torch.testing.assert_close(gram, want[order][:, order], rtol=0, atol=1e-12, msg=str((conv, spatial)))
+
+
+def test_gram_certificate_makes_a_loose_bound_exact():
+    """A zero-padded 3×3 convolution on 4×4 inputs: the symbol's bound is > 1% loose; from the
+    Gram matrix (its rows within GRAM_LIMIT) the bound is ≥ the exact norm and within 0.1% of
+    it; with the limit below its rows, the loose bound is what comes back."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(24, 24, 3, padding=1).double()
+    op = ConvOperator(conv, (4, 4))
+    exact = dense_norm(op)
+    assert op.gram_size() == 384 <= GRAM_LIMIT
+    cert = certify(op, dense_limit=0)
+    assert cert.method == "gram" and cert.lower <= exact <= cert.upper <= exact * 1.001, (cert, exact)
+    with gram_limit(383):
+        loose = certify(op, dense_limit=0)
+    assert loose.method == "torus" and loose.gap > 0.01 and loose.upper >= exact
+    # Lanczos kept from the top: a grouped conv is block diagonal, and a start in the weaker
+    # group never leaves it; the Cholesky test then fails and μ is G's largest eigenvalue
+    grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2).double()
+    with torch.no_grad():
+        grouped.weight[4:] *= 3
+    op = ConvOperator(grouped, (4, 4))
+    exact = dense_norm(op)
+    start = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    start[:, 4:] = 0
+    cert = _gram_certificate(op, start)
+    assert exact <= cert.upper <= exact * (1 + 1e-9) and cert.lower <= exact

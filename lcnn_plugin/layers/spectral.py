@@ -39,11 +39,12 @@ torch.fx records as single calls (``torch.fx.wrap``), and torch.compile traces t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +62,9 @@ BOUND_TOL = 1e-6  # Ritz residual / σ² of the float64 Lanczos estimates behind
 CERT_TARGET = 0.01  # a certified bound's lower side is refined until within 1% of the upper
 DENSE_SMALL = 256  # inputs of at most this many elements: the dense operator's SVD at once
 DENSE_LIMIT = 1024  # ... up to this many: the dense SVD where the symbol's bound is loose
+GRAM_LIMIT = 4096  # a convolution whose Gram matrix has at most this many rows: exact where loose
+TIGHT_GRAM_LIMIT = 16384  # ... within gram_limit() (a 2 GiB float64 factorisation)
+_GRAM_LIMIT = contextvars.ContextVar("gram_limit", default=GRAM_LIMIT)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -187,6 +191,57 @@ class ConvOperator:
         y = _CONV_T[self.nd](u, self._w(), None, c.stride, 0, self.output_padding, c.groups, c.dilation)
         return self._pad_adjoint(y)
 
+    # -- the dense Gram matrix ------------------------------------------------------------------
+    def gram_size(self) -> int:
+        """Rows of the smaller Gram matrix, AᵀA or AAᵀ."""
+        return min(math.prod(self.in_shape), self.conv.out_channels * math.prod(self.out_spatial))
+
+    def gram(self) -> torch.Tensor:
+        """The smaller of AᵀA and AAᵀ (:meth:`gram_size` rows, float64), from the tap matrices
+        W_a: A = Σ_a S_a ⊗ W_a with S_a the 0/1 map of the positions tap a reads, so AᵀA is made
+        of blocks Σ W_aᵀW_b (AAᵀ of W_a W_bᵀ), one per pair of positions two taps connect through
+        an output (input) position; rows ordered by position, then channel."""
+        c, nd = self.conv, self.nd
+        w = self._w().detach().double()
+        g, co, cig = c.groups, c.out_channels // c.groups, w.shape[1]
+        taps = list(itertools.product(*(range(k) for k in c.kernel_size)))
+        mats = w.new_zeros(len(taps), c.out_channels, c.in_channels)
+        for gi in range(g):
+            block = w[gi * co:(gi + 1) * co].flatten(2).permute(2, 0, 1)  # (taps, co, ci/g)
+            mats[:, gi * co:(gi + 1) * co, gi * cig:(gi + 1) * cig] = block
+        # the input position each (tap, output position) reads, −1 for a zero of the padding
+        n_in = math.prod(self.spatial)
+        source = torch.arange(n_in, dtype=torch.float64).view(1, 1, *self.spatial)
+        if any(self.pads):
+            source = (F.pad(source, self.pads, value=-1.0) if self.mode == "zeros"
+                      else F.pad(source, self.pads, mode=self.mode))
+        source = source.round().long().view(self.padded)
+        reads = torch.empty(len(taps), math.prod(self.out_spatial), dtype=torch.long)
+        outs = torch.cartesian_prod(*(torch.arange(o) for o in self.out_spatial)).view(-1, nd)
+        for i, tap in enumerate(taps):
+            pos = [outs[:, d] * c.stride[d] + tap[d] * c.dilation[d] for d in range(nd)]
+            reads[i] = source[tuple(pos)]
+        inputs = math.prod(self.in_shape) <= c.out_channels * len(outs)
+        # AᵀA: block (input p, input q) = Σ W_aᵀW_b over outputs reading p by tap a and q by tap b;
+        # AAᵀ: block (output o, output o') = Σ W_a W_bᵀ over inputs read by o with tap a, o' with b
+        side, ch = (n_in, c.in_channels) if inputs else (len(outs), c.out_channels)
+        gram = w.new_zeros(side, ch, side, ch)
+        for a in range(len(taps)):
+            for b in range(len(taps)):
+                if inputs:
+                    ok = (reads[a] >= 0) & (reads[b] >= 0)
+                    rows, cols = reads[a][ok], reads[b][ok]
+                    block = mats[a].T @ mats[b]
+                else:  # pairs of outputs reading one input position, a from the first, b the second
+                    hit = (reads[a][:, None] == reads[b][None, :]) & (reads[a][:, None] >= 0)
+                    rows, cols = hit.nonzero(as_tuple=True)
+                    block = mats[a] @ mats[b].T
+                if len(rows) == 0 or not block.any():
+                    continue
+                for p, q in zip(rows.tolist(), cols.tolist()):
+                    gram[p, :, q, :] += block
+        return gram.view(side * ch, side * ch)
+
     # -- a certified upper bound -------------------------------------------------------------
     def torus_bound(self) -> tuple[float, torch.Tensor]:
         """An upper bound of ‖A‖₂ from the convolution's symbol on a torus, and the symbol's
@@ -263,49 +318,32 @@ class ConvOperator:
         at = torch.tensor([list(k) for k in shifts], dtype=torch.float64)[used]  # (used, nd)
         kernel = kernel[:, used].to(torch.complex128)
         # every tap at one shift: the symbol is that matrix times a phase, one frequency will do
-        constant = len(used) == 1
-        if constant:
-            grid: tuple[int, ...] = (1,)
+        if len(used) == 1:
+            omega = torch.zeros(1, nd, dtype=torch.float64)
             mats = kernel  # (g, 1, co, ci·phases)
         else:
-            # the symbol Σ_shifts K_shift e^{-2πi⟨ω, shift⟩/small} on the rfftn grid (the last axis
-            # halved: a real kernel's symbol at −ω is the conjugate, with the same singular
-            # values), as one small matmul over the used shifts instead of an FFT of the torus
-            grid = (*small[:-1], small[-1] // 2 + 1)
-            omega = torch.cartesian_prod(*(torch.arange(n, dtype=torch.float64) for n in grid)).view(-1, nd)
+            # the symbol Σ_shifts K_shift e^{-2πi⟨ω, shift⟩/small} at one frequency of each pair
+            # ±ω (a real kernel's symbol at −ω is the conjugate, with the same singular values),
+            # as one small matmul over the used shifts instead of an FFT of the torus
+            omega = _half_grid(small)
             turns = (omega / torch.tensor(small, dtype=torch.float64)) @ at.T  # (frequencies, used)
             dft = torch.polar(torch.ones_like(turns), -2 * math.pi * turns)
             mats = (dft @ kernel.flatten(2)).view(g, -1, co, kernel.shape[-1])  # (g, freqs, co, ci·phases)
-        top, where = _max_gram_eigenvalue(mats)
+        top, where, u = _max_gram_eigenvalue(mats)
         size = max(min(mats.shape[-2:]), len(used))  # the DFT's sums over the shifts too
         bound = top ** 0.5 * (1 + _rounding(size)) * (mult * copy_norm**2) ** 0.5
-        return bound, self._torus_vector(mats[where], where, grid, small, stride, torus, constant)
+        return bound, self._torus_vector(u, where[0], omega[where[1]], small, stride, torus)
 
-    def _torus_vector(self, mat: torch.Tensor, where: tuple[int, int], rfft_shape: Sequence[int],
-                      small: Sequence[int], stride: Sequence[int], torus: Sequence[int],
-                      constant: bool) -> torch.Tensor:
-        """The real part of the plane wave u·e^{-iωq} (u the top right singular vector of the
-        symbol at frequency ω) as an input of the layer: phases put back in place, cropped
-        from the torus to the input (the zeros-padded frame: from the left padding)."""
-        nd, g = self.nd, self.conv.groups
-        group, freq = where
-        if mat.shape[0] < mat.shape[1]:  # the top right singular vector from the smaller Gram
-            u = mat.mH @ torch.linalg.eigh(mat @ mat.mH)[1][:, -1]
-        else:
-            u = torch.linalg.eigh(mat.mH @ mat)[1][:, -1]  # (ci·phases,)
+    def _torus_vector(self, u: torch.Tensor, group: int, omega: torch.Tensor, small: Sequence[int],
+                      stride: Sequence[int], torus: Sequence[int]) -> torch.Tensor:
+        """The real part of the plane wave u·e^{-2πi⟨ω, q⟩/small} (u (ci·phases,) the symbol's
+        top right singular vector at ω) as an input of the layer: phases put back in place,
+        cropped from the torus to the input (the zeros-padded frame: from the left padding)."""
+        nd = self.nd
         grid = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in small), indexing="ij")
-        if constant:
-            angle = torch.zeros(small, dtype=torch.float64)
-        else:
-            half = list(rfft_shape)  # index → frequency per dim of the rfftn grid
-            idx = []
-            for d in reversed(range(nd)):
-                idx.append(freq % half[d])
-                freq //= half[d]
-            idx.reverse()
-            angle = sum(-2 * math.pi * idx[d] * grid[d] / small[d] for d in range(nd))
+        angle = sum(-2 * math.pi * float(omega[d]) * grid[d] / small[d] for d in range(nd))
         wave = (u.view(-1, *([1] * nd)) * torch.polar(torch.ones_like(angle), angle)).real
-        ci = self.conv.in_channels // g
+        ci = self.conv.in_channels // self.conv.groups
         wave = wave.view(ci, *stride, *small)  # (ci, s_1..s_nd, t_1..t_nd) → (ci, t_1 s_1, ...)
         order = [0] + [x for d in range(nd) for x in (1 + nd + d, 1 + d)]
         wave = wave.permute(order).reshape(ci, *torus)
@@ -318,6 +356,17 @@ class ConvOperator:
         v = wave.new_zeros(self.conv.in_channels, *self.spatial)
         v[group * ci:(group + 1) * ci] = wave
         return v.unsqueeze(0)
+
+
+def _half_grid(small: Sequence[int]) -> torch.Tensor:
+    """One frequency of each pair {ω, −ω} of the torus ``small`` (the pair's first in row-major
+    order), as rows (count, nd) of float64 indices."""
+    full = torch.cartesian_prod(*(torch.arange(n) for n in small)).view(-1, len(small))
+    n = torch.tensor(list(small))
+    weights = torch.cumprod(torch.cat([n.flip(0)[:-1].new_ones(1), n.flip(0)[:-1]]), 0).flip(0)
+    index = (full * weights).sum(1)
+    partner = (((n - full) % n) * weights).sum(1)
+    return full[index <= partner].double()
 
 
 class MatrixOperator:
@@ -364,15 +413,16 @@ def _rounding(n: int) -> float:
     return 8 * n * n * 2.0**-53
 
 
-def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tuple[int, int]]:
-    """max over a batch (g, f, m, n) of complex matrices M of λmax(MᴴM) = ‖M‖², certified, and
-    where it is attained. Exact for the matrix whose power-iteration estimate is largest; every
-    other is shown to be at most that value (1 + 1e-6) by a Cholesky factorisation of
-    μI − MᴴM (a third of an eigen-solve). Of those that fail, the one estimated largest is
-    solved exactly, μ raised to it if it is larger, and the rest tried again, until none is
-    left."""
+def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tuple[int, int], torch.Tensor]:
+    """max over a batch (g, f, m, n) of complex matrices M of λmax(MᴴM) = ‖M‖², certified, where
+    it is attained, and M's top right singular vector there as the power iteration found it
+    (a start for Lanczos, not part of the bound). Exact for the matrix whose power-iteration
+    estimate is largest; every other is shown to be at most that value (1 + 1e-6) by a
+    Cholesky factorisation of μI − MᴴM (a third of an eigen-solve). Of those that fail, the
+    one estimated largest is solved exactly, μ raised to it if it is larger, and the rest
+    tried again, until none is left."""
     g, f = mats.shape[:2]
-    grams, estimates = [], []
+    grams, estimates, vectors = [], [], []
     gen = torch.Generator().manual_seed(0)
     for start in range(0, f, chunk):  # frequency chunks bound the temporaries
         m = mats[:, start:start + chunk]
@@ -382,6 +432,7 @@ def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tu
             v = gram @ v
             v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
         grams.append(gram)
+        vectors.append(v)
         estimates.append((v.mH @ gram @ v).real.flatten(2).squeeze(-1))
     estimate = torch.cat(estimates, 1)  # (g, f) Rayleigh quotients
 
@@ -390,8 +441,9 @@ def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tu
 
     def above(mu: float, grams_: torch.Tensor) -> torch.Tensor:
         """Which of a batch of Gram matrices are not shown to be ⪯ μI."""
-        eye = torch.eye(grams_.shape[-1], dtype=grams_.dtype)
-        return torch.linalg.cholesky_ex(mu * eye - grams_)[1] != 0
+        shifted = grams_.neg()
+        shifted.diagonal(dim1=-2, dim2=-1).add_(mu)
+        return torch.linalg.cholesky_ex(shifted)[1] != 0
 
     i = int(estimate.argmax())
     where = (i // f, i % f)
@@ -412,7 +464,12 @@ def _max_gram_eigenvalue(mats: torch.Tensor, chunk: int = 64) -> tuple[float, tu
             if not all(still):
                 cleared = max(cleared, mu)
             failed = [p for p, bad in zip(failed, still) if bad]
-    return max(best, cleared), where
+    gi, fi = where
+    v = vectors[fi // chunk][gi, fi % chunk, :, 0]
+    m = mats[gi, fi]
+    if m.shape[-1] > m.shape[-2]:  # the Gram was MMᴴ: v is a left singular vector
+        v = m.mH @ v
+    return max(best, cleared), where, v / v.norm().clamp_min(1e-300)
 
 
 @dataclass(frozen=True)
@@ -422,7 +479,8 @@ class NormCertificate:
     ``upper`` is None when no certified bound is known (``lower`` is then a converged Lanczos
     estimate, from below). ``method`` says how ``upper`` was obtained: ``dense`` (the SVD of
     the operator built column by column), ``svd`` (a matrix), ``torus`` (the convolution's
-    symbol, :meth:`ConvOperator.torus_bound`) or ``estimate`` (none).
+    symbol, :meth:`ConvOperator.torus_bound`), ``gram`` (a Cholesky factorisation of the
+    convolution's Gram matrix, :func:`gram_limit`) or ``estimate`` (none).
     """
 
     upper: float | None
@@ -476,10 +534,11 @@ def certify(op: Operator, v0: torch.Tensor | None = None, target: float = CERT_T
     SVD. A convolution: the symbol's bound (:meth:`ConvOperator.torus_bound`) with a lower
     bound ‖A v‖ from Lanczos on AᵀA, started at ``v0`` (default: the symbol's vector) and run
     until within ``target`` of it or converged (Ritz residual ≤ :data:`INIT_TOL`·σ²); still
-    further apart, the dense SVD when the input has at most ``dense_limit`` elements, else the
-    bound as it is (loose). Any other operator (no known structure): the dense SVD up to
-    ``dense_limit`` elements, else only the Lanczos estimate (to :data:`BOUND_TOL`, ``upper``
-    None).
+    further apart, exact from the Gram matrix when it has at most :data:`GRAM_LIMIT` rows
+    (:func:`gram_limit` sets another), else the dense SVD when the input has at most
+    ``dense_limit`` elements, else the bound as it is (loose). Any other operator (no known
+    structure): the dense SVD up to ``dense_limit`` elements, else only the Lanczos estimate
+    (to :data:`BOUND_TOL`, ``upper`` None).
     """
     if isinstance(op, MatrixOperator):
         return matrix_certificate(op._w())
@@ -506,9 +565,47 @@ def certify(op: Operator, v0: torch.Tensor | None = None, target: float = CERT_T
     if lower > upper:
         raise RuntimeError(f"a Rayleigh quotient ({lower}) exceeds the certified bound ({upper}): "
                            "the bound is wrong for this operator")
-    if upper > lower * (1 + target) and d <= dense_limit:
-        return _dense_certificate(op)
+    if upper > lower * (1 + target):
+        if op.gram_size() <= _GRAM_LIMIT.get():
+            return _gram_certificate(op, v)
+        if d <= dense_limit:
+            return _dense_certificate(op)
     return NormCertificate(upper, lower, "torus")
+
+
+@contextlib.contextmanager
+def gram_limit(rows: int = TIGHT_GRAM_LIMIT) -> Iterator[None]:
+    """Within: :func:`certify` makes a convolution's bound exact where the symbol's is loose when
+    its Gram matrix has up to ``rows`` rows (outside: :data:`GRAM_LIMIT`; memory 8·rows² bytes,
+    time ~rows³/3 flops: a 512-channel 3×3 convolution on 4×4 inputs has 8192 rows, a 256-channel
+    one on 8×8 16384)."""
+    token = _GRAM_LIMIT.set(int(rows))
+    try:
+        yield
+    finally:
+        _GRAM_LIMIT.reset(token)
+
+
+def _gram_certificate(op: ConvOperator, v: torch.Tensor) -> NormCertificate:
+    """Bounds from the dense Gram matrix G (:meth:`ConvOperator.gram`): Lanczos from ``v`` to
+    a Ritz residual of :data:`BOUND_TOL`·σ² gives the lower bound; ‖A‖² ≤ μ = (lower·(1+1e-7))²
+    when the Cholesky factorisation of μI − G succeeds; if it fails (Lanczos did not find the
+    top), μ is G's largest eigenvalue."""
+    with torch.no_grad():
+        _, _, _, v = linalg.operator_norm(_gram(op), v, tol=BOUND_TOL, max_iter=2000, cycle=16)
+        lower = float(op.matvec(linalg.unit(v)).norm())
+    gram = op.gram()
+    n = gram.shape[0]
+    margin = _rounding(n)  # the products forming G, the factorisation's or eigen-solver's error
+    mu = (lower * (1 + 1e-7)) ** 2
+    shifted = gram.neg()
+    shifted.diagonal().add_(mu)
+    if int(torch.linalg.cholesky_ex(shifted)[1]) != 0:
+        del shifted
+        mu = max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0)
+        lower = max(lower, math.sqrt(mu * (1 - margin)))
+    lower *= 1 - _rounding(math.prod(op.in_shape))
+    return NormCertificate(math.sqrt(mu * (1 + margin)), lower, "gram")
 
 
 def _dense_certificate(op: Operator) -> NormCertificate:

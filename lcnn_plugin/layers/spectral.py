@@ -598,11 +598,10 @@ def _gram_certificate(op: ConvOperator, v: torch.Tensor) -> NormCertificate:
     n = gram.shape[0]
     margin = _rounding(n)  # the products forming G, the factorisation's or eigen-solver's error
     mu = (lower * (1 + 1e-7)) ** 2
-    shifted = gram.neg()
-    shifted.diagonal().add_(mu)
-    if int(torch.linalg.cholesky_ex(shifted)[1]) != 0:
-        del shifted
-        mu = max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0)
+    gram.neg_().diagonal().add_(mu)  # μI − G in place (G: up to 2 GiB)
+    if int(torch.linalg.cholesky_ex(gram)[1]) != 0:
+        gram.diagonal().sub_(mu)  # G again, to a rounding of μ on the diagonal (within the margin)
+        mu = max(float(torch.linalg.eigvalsh(gram.neg_())[-1]), 0.0)
         lower = max(lower, math.sqrt(mu * (1 - margin)))
     lower *= 1 - _rounding(math.prod(op.in_shape))
     return NormCertificate(math.sqrt(mu * (1 + margin)), lower, "gram")

@@ -26,3 +26,14 @@ def shared_path(*parts: str) -> Path:
 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def per_model(names: list[str]) -> list[str]:
+    """The registered models the expensive per-model tests run on: every family (lcnn_,
+    lcnn_standard_, lcnn_softplus_) at depth 10 and 18, both stems, and lcnn_resnet50 (the
+    bottleneck block). ``LCNN_ALL_MODELS=1`` runs them on all: depth 34 is depth 18's blocks and
+    stems, more of them; the other depth-50 variants are those blocks with the stems and
+    families above."""
+    if os.environ.get("LCNN_ALL_MODELS") == "1":
+        return names
+    return [n for n in names if "resnet34" not in n and ("resnet50" not in n or n == "lcnn_resnet50")]

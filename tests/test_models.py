@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from conftest import per_model
 from safetensors.torch import load_file, save_file
 
 import lcnn_plugin  # noqa: F401 - registers the models
@@ -38,7 +39,7 @@ def _warm(model: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", per_model(MODELS))
 def test_builds_runs_and_round_trips(name, tmp_path):
     in_chans = 1 if "34" in name else 3
     model = timm.create_model(name, num_classes=7, in_chans=in_chans)
@@ -107,7 +108,7 @@ def test_builds_runs_and_round_trips(name, tmp_path):
         assert torch.linalg.matrix_norm(jac, ord=2).item() == pytest.approx(1.0, rel=1e-3)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", per_model(MODELS))
 def test_features_only(name):
     model = timm.create_model(name, features_only=True).eval()
     x = torch.rand(1, 3, 64, 64)
@@ -116,7 +117,7 @@ def test_features_only(name):
     assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction()
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", per_model(MODELS))
 def test_torch_compile_matches_eager(name):
     model = timm.create_model(name, num_classes=5)
     x = torch.rand(2, 3, 32, 32)

@@ -155,7 +155,7 @@ def test_penalties_on_models_without_double_backward(name):
     """hardsigmoid and fused attention: the training steps run within equivalents that have a
     second derivative (chosen by one probe), and the parameter gradient matches finite
     differences; an operation with none is named before training."""
-    from tests.test_curvature import GatedAttention
+    from test_curvature import GatedAttention
 
     torch.manual_seed(0)
     model = GatedAttention().double()

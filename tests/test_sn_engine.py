@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.utils.checkpoint
+from conftest import per_model
 from safetensors.torch import load_file
 from timm.layers import Conv2dSame
 from torch import nn
@@ -84,7 +85,7 @@ def _power_norm(f, shape: tuple[int, ...], tol: float = 1e-8, max_iter: int = 20
     return est
 
 
-@pytest.mark.parametrize("name", timm.list_models("lcnn_*"))
+@pytest.mark.parametrize("name", per_model(timm.list_models("lcnn_*")))
 def test_every_sn_layer_is_at_most_one_after_creation(name: str) -> None:
     model = timm.create_model(name, num_classes=10)
     model.train()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import per_model
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
@@ -54,7 +55,7 @@ def _fx_model(model: torch.nn.Module) -> torch.nn.Module:
                                     eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kwargs)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", per_model(MODELS))
 def test_fx_forward_and_backward_with_timms_tracer(name: str) -> None:
     model = timm.create_model(name, num_classes=7).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -62,7 +62,7 @@ BOUND_TOL = 1e-6  # Ritz residual / σ² of the float64 Lanczos estimates behind
 CERT_TARGET = 0.01  # a certified bound's lower side is refined until within 1% of the upper
 DENSE_SMALL = 256  # inputs of at most this many elements: the dense operator's SVD at once
 DENSE_LIMIT = 1024  # ... up to this many: the dense SVD where the symbol's bound is loose
-GRAM_LIMIT = 4096  # a convolution whose Gram matrix has at most this many rows: exact where loose
+GRAM_LIMIT = 1024  # a convolution whose Gram matrix has at most this many rows: exact where loose
 TIGHT_GRAM_LIMIT = 16384  # ... within gram_limit() (a 2 GiB float64 factorisation)
 _GRAM_LIMIT = contextvars.ContextVar("gram_limit", default=GRAM_LIMIT)
 

@@ -85,9 +85,13 @@ def test_model_bound_tight(benchmark, request, model_name):
     size = request.config.getoption("--bench-size")
     model = _settled(model_name, size)
     default, seconds = timed(lambda: model_bound(model, (3, size, size)))
-    tight, seconds_tight = timed(lambda: model_bound(model, (3, size, size), tight=True))
-    benchmark.pedantic(model_bound, args=(model, (3, size, size)), kwargs=dict(tight=True), rounds=1,
-                       iterations=1)
+    runs: list[tuple] = []  # the tight bound is run once (minutes), timed by pytest-benchmark and here
+
+    def tight_bound() -> None:
+        runs.append(timed(lambda: model_bound(model, (3, size, size), tight=True)))
+
+    benchmark.pedantic(tight_bound, rounds=1, iterations=1)
+    ((tight, seconds_tight),) = runs
     benchmark.extra_info.update(seconds_default=seconds, seconds_tight=seconds_tight,
                                 ratio_tight_over_default=seconds_tight / seconds,
                                 lipschitz_default=default.lipschitz, lipschitz_tight=tight.lipschitz,

@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.fx
@@ -450,18 +450,7 @@ def twice(fn: Callable[[], Any], who: str, reset: Callable[[], None] | None = No
     """``fn()``; if it fails for an operation without a second derivative, ``reset()`` then
     ``fn()`` again within :func:`second_derivatives`; if that fails alike, a ValueError naming
     the operation and ``who`` asked."""
-    try:
-        return fn()
-    except RuntimeError as e:
-        if no_second_derivative(e) is None:
-            raise
-    if reset is not None:
-        reset()
-    with second_derivatives():
-        try:
-            return fn()
-        except RuntimeError as e:
-            _refuse(e, who)
+    return _with_equivalents(fn, who, reset)[0]
 
 
 def second_derivative_mode(probe: Callable[[], Any], who: str
@@ -469,21 +458,28 @@ def second_derivative_mode(probe: Callable[[], Any], who: str
     """What to run a model's double backwards in (called once per use): ``nullcontext`` when
     ``probe()`` runs as it is, :func:`second_derivatives` when it runs only within it; else a
     ValueError (as :func:`twice`)."""
+    return second_derivatives if _with_equivalents(probe, who)[1] else contextlib.nullcontext
+
+
+def _with_equivalents(fn: Callable[[], Any], who: str, reset: Callable[[], None] | None = None
+                      ) -> tuple[Any, bool]:
+    """(``fn()``, False), or (``fn()`` within :func:`second_derivatives`, True) after
+    ``reset()`` when torch has no second derivative of an operation it ran into."""
     try:
-        probe()
-        return contextlib.nullcontext
+        return fn(), False
     except RuntimeError as e:
         if no_second_derivative(e) is None:
             raise
+    if reset is not None:
+        reset()
     with second_derivatives():
         try:
-            probe()
+            return fn(), True
         except RuntimeError as e:
             _refuse(e, who)
-    return second_derivatives
 
 
-def _refuse(err: RuntimeError, who: str) -> None:
+def _refuse(err: RuntimeError, who: str) -> NoReturn:
     op = no_second_derivative(err)
     if op is None:
         raise err

@@ -625,8 +625,9 @@ def _gram_certificate(op: ConvOperator, v: torch.Tensor) -> NormCertificate:
         _, _, _, v = linalg.operator_norm(_gram(op), v, tol=BOUND_TOL, max_iter=2000, cycle=16)
         lower = float(op.matvec(linalg.unit(v)).norm())
     gram = op.gram()
-    n = gram.shape[0]
-    margin = _rounding(n)  # the products forming G, the factorisation's or eigen-solver's error
+    # G's entries are sums over the other side (inputs of AAᵀ, outputs of AᵀA); the
+    # factorisation's or eigen-solver's error grows with G's rows
+    margin = _rounding(max(math.prod(op.in_shape), op.conv.out_channels * math.prod(op.out_spatial)))
     mu = (lower * (1 + 1e-7)) ** 2
     gram.neg_().diagonal().add_(mu)  # μI − G in place (G: up to 2 GiB)
     if int(torch.linalg.cholesky_ex(gram)[1]) != 0:

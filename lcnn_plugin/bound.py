@@ -47,7 +47,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import ops
 from . import validate as check
-from .layers.spectral import CERT_TARGET, InputSpectralNorm, NormCertificate, gram_limit
+from .layers.spectral import CERT_TARGET, TIGHT_GRAM_LIMIT, InputSpectralNorm, NormCertificate, gram_limit
 from .ops import Local
 
 
@@ -125,7 +125,8 @@ class ModelBound:
             worst = max(self.loose, key=lambda t: t[1])
             lines.append(f"  certified but loose (> {CERT_TARGET:.0%} above the best lower bound): "
                          f"{len(self.loose)} layers, worst {worst[0]} (+{worst[1]:.1%}); "
-                         "tight=True (lcnn bound --tight) bounds those with up to 16384 Gram rows exactly")
+                         f"tight=True (lcnn bound --tight) bounds those with up to {TIGHT_GRAM_LIMIT} Gram "
+                         "rows exactly")
         lines += [f"  not bounded: {line}" for line in grouped(self.unbounded)]
         return "\n".join(lines)
 

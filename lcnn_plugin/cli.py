@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from .argtypes import count, floats, names, real
 from .bound import model_bound
+from .layers.spectral import TIGHT_GRAM_LIMIT
 from .validate import FEW_EXAMPLES, InputError, collect, fits, timm_model
 
 Payload = tuple[str, dict[str, Any]]  # what a command prints: text, and the JSON object
@@ -433,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C,H,W (default: the model's pretrained_cfg input_size)")
     b.add_argument("--tight", action="store_true",
                    help="bound convolutions whose symbol's bound is > 1%% loose exactly, from their Gram "
-                        "matrix (up to 16384 rows: about 3 minutes and 4 GiB for ResNet-18 at 32x32)")
+                        f"matrix (up to {TIGHT_GRAM_LIMIT} rows: about 3 minutes and 4 GiB for ResNet-18 "
+                        "at 32x32)")
     b.add_argument("--json", action="store_true", help="print JSON instead of text")
     b.set_defaults(func=_bound)
     return p

@@ -211,11 +211,11 @@ class ConvOperator:
             mats[:, gi * co:(gi + 1) * co, gi * cig:(gi + 1) * cig] = block
         # the input position each (tap, output position) reads, −1 for a zero of the padding
         n_in = math.prod(self.spatial)
-        source = torch.arange(n_in, dtype=torch.float64).view(1, 1, *self.spatial)
-        if any(self.pads):
-            source = (F.pad(source, self.pads, value=-1.0) if self.mode == "zeros"
-                      else F.pad(source, self.pads, mode=self.mode))
-        source = source.round().long().view(self.padded)
+        if self.mode == "zeros":
+            source = F.pad(torch.arange(n_in, dtype=torch.float64).view(1, 1, *self.spatial), self.pads,
+                           value=-1.0).round().long().view(self.padded)
+        else:  # every padded position copies an input element: the adjoint's index map
+            source = self._gather_index(torch.device("cpu")).view(self.padded)
         reads = torch.empty(len(taps), math.prod(self.out_spatial), dtype=torch.long)
         outs = torch.cartesian_prod(*(torch.arange(o) for o in self.out_spatial)).view(-1, nd)
         for i, tap in enumerate(taps):
@@ -231,12 +231,13 @@ class ConvOperator:
                 if inputs:
                     ok = (reads[a] >= 0) & (reads[b] >= 0)
                     rows, cols = reads[a][ok], reads[b][ok]
-                    block = mats[a].T @ mats[b]
                 else:  # pairs of outputs reading one input position, a from the first, b the second
                     hit = (reads[a][:, None] == reads[b][None, :]) & (reads[a][:, None] >= 0)
                     rows, cols = hit.nonzero(as_tuple=True)
-                    block = mats[a] @ mats[b].T
-                if len(rows) == 0 or not block.any():
+                if len(rows) == 0:
+                    continue
+                block = mats[a].T @ mats[b] if inputs else mats[a] @ mats[b].T
+                if not block.any():
                     continue
                 for p, q in zip(rows.tolist(), cols.tolist()):
                     gram[p, :, q, :] += block
